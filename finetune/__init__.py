@@ -1,0 +1,3 @@
+"""finetune: native-PyTorch fine-tuning for Llama-family language models."""
+
+__version__ = "0.1.0"
