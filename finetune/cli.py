@@ -1,0 +1,473 @@
+"""The `tune` command: argument parsing into typed Params, the recipe registry, and launching.
+
+`TuneArgumentParser` fills a Params dataclass with CLI override > YAML config > defaults.
+`tune` resolves a recipe name (or a user's `.py` file), runs it in this process, or through
+torch's elastic launcher (torchrun) when more than one process or node is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import yaml
+
+from finetune.errors import UserError
+from finetune.params import describe_type, matches_type
+
+CONFIG_DIR = Path(os.environ.get("FINETUNE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe registry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    name: str
+    module: str
+    params: str  # name of the Params dataclass in finetune.params
+    aliases: tuple[str, ...]
+    configs: tuple[str, ...]
+
+    def params_class(self) -> type:
+        import finetune.params
+
+        return getattr(finetune.params, self.params)
+
+
+RECIPES: tuple[RecipeEntry, ...] = (
+    RecipeEntry(
+        "full_finetune",
+        "finetune.recipes.full_finetune",
+        "FullFinetuneParams",
+        ("finetune_llm", "full_finetune_single_device", "full_finetune_distributed"),
+        ("tiny_full", "llama2_7b_full", "llama3_1_8b_full", "llama3_1_8b_full_distributed", "llama3_2_1b_full"),
+    ),
+    RecipeEntry(
+        "lora_finetune",
+        "finetune.recipes.lora_finetune",
+        "LoraFinetuneParams",
+        ("lora_finetune_single_device", "lora_finetune_distributed"),
+        ("tiny_lora", "llama2_7b_lora", "llama3_1_8b_lora", "llama3_1_8b_qlora", "llama3_2_1b_lora",
+         "llama3_1_8b_lora_distributed"),
+    ),
+    RecipeEntry("generate", "finetune.recipes.generate", "GenerateParams", ("alpaca_generate",), ("generation",)),
+    RecipeEntry("quantize", "finetune.recipes.quantize", "QuantizeParams", (), ("quantization",)),
+    RecipeEntry("eleuther_eval", "finetune.recipes.eleuther_eval", "EvalParams", (), ("eleuther_evaluation",)),
+    RecipeEntry("dummy", "finetune.recipes.dummy", "FullFinetuneParams", (), ("tiny_full",)),
+)
+
+
+def recipe_is_available(entry: RecipeEntry) -> bool:
+    return importlib.util.find_spec(entry.module) is not None
+
+
+def available_recipes() -> list[RecipeEntry]:
+    return [entry for entry in RECIPES if recipe_is_available(entry)]
+
+
+def find_recipe(name: str, require_module: bool = True) -> RecipeEntry:
+    for entry in available_recipes() if require_module else RECIPES:
+        if name == entry.name or name in entry.aliases:
+            return entry
+    known = [n for e in available_recipes() for n in (e.name, *e.aliases)]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UserError(f"unknown recipe '{name}'; {hint}recipes: {', '.join(known)} (or a path to a .py file)")
+
+
+def existing_configs(entry: RecipeEntry) -> list[str]:
+    return [c for c in entry.configs if (CONFIG_DIR / f"{c}.yaml").is_file()]
+
+
+def load_recipe_module(name_or_path: str) -> ModuleType:
+    """Import a registered recipe, or a user's own recipe file given by path."""
+    if name_or_path.endswith(".py"):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise UserError(f"recipe file {path} does not exist; check the path")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not hasattr(module, "main"):
+            raise UserError(f"recipe file {path} has no main(argv) function; add one")
+        return module
+    return importlib.import_module(find_recipe(name_or_path).module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files and value coercion
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_config_path(config: str) -> Path:
+    """A config name from configs/ (with or without .yaml) or a path to a YAML file."""
+    path = Path(config).expanduser()
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / (config if config.endswith(".yaml") else f"{config}.yaml")
+    if named.is_file() and os.sep not in config:
+        return named
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(config, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UserError(
+        f"config '{config}' not found (no such file, and not a config name); {hint}"
+        f"configs: {', '.join(names) or 'none'}"
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"malformed YAML in {where}: {problem}; fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text; save it as UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of key: value lines, found a {type(data).__name__}")
+    return data
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+_NONE = {"none", "null", "~", ""}
+
+
+def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Convert a CLI string or a YAML value to the field's type, or raise a UserError."""
+    try:
+        result = _coerce(value, tp)
+    except (ValueError, TypeError):
+        result = _INVALID
+    if result is _INVALID or not matches_type(result, tp):
+        raise UserError(
+            f"{key}={value!r} ({source}) is not valid: expected {describe_type(tp)}"
+        )
+    return result
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        if isinstance(value, str) and value.strip().lower() in _NONE and type(None) in args:
+            return None
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0])
+    if not isinstance(value, str):
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if origin is list and isinstance(value, list):
+            return [_coerce(v, args[0]) for v in value]
+        if origin is dict and isinstance(value, dict):
+            return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+        return value
+    text = value.strip()
+    if tp is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        return _INVALID
+    if tp is int:
+        return int(text)
+    if tp is float:
+        return float(text)
+    if tp is str:
+        return value
+    if origin is Literal:
+        for choice in args:
+            if str(choice) == text:
+                return choice
+        return _INVALID
+    if origin is list:
+        if text.startswith("["):
+            items = yaml.safe_load(text)
+        else:
+            items = [t.strip() for t in text.split(",") if t.strip()]
+        return [_coerce(item, args[0]) for item in items]
+    if origin is dict:
+        if text.startswith("{"):
+            mapping = yaml.safe_load(text)
+        else:
+            mapping = dict(pair.split(":", 1) for pair in text.split(",") if pair.strip())
+        return {_coerce(str(k).strip(), args[0]): _coerce(str(v).strip(), args[1]) for k, v in mapping.items()}
+    return _INVALID
+
+
+# ----------------------------------------------------------------------------------------------
+# TuneArgumentParser
+# ----------------------------------------------------------------------------------------------
+
+
+class TuneArgumentParser:
+    """Parse `--config X [--override k=v ...] [k=v ...]` into a validated Params dataclass."""
+
+    def __init__(self, params_cls: type, prog: Optional[str] = None, description: Optional[str] = None):
+        self.params_cls = params_cls
+        self.fields = {f.name: f for f in dataclasses.fields(params_cls)}
+        self.types = typing.get_type_hints(params_cls)
+        self.parser = argparse.ArgumentParser(
+            prog=prog,
+            description=description or (params_cls.__doc__ or "").strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=self.fields_help(),
+        )
+        self.parser.add_argument("--config", help="config name from configs/ or a path to a YAML file")
+        self.parser.add_argument(
+            "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+            help="set fields; bare KEY=VALUE arguments work too (CLI > config > defaults)",
+        )
+        self.parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
+
+    def fields_help(self) -> str:
+        lines = ["fields (KEY=VALUE):"]
+        for name, f in self.fields.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {name}: {describe_type(self.types[name])} = {default!r}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+        return "\n".join(lines)
+
+    def parse_args(self, argv: Optional[Sequence[str]] = None) -> Any:
+        args = self.parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        values: dict[str, Any] = {}
+        if args.config:
+            path = resolve_config_path(args.config)
+            for key, value in read_config(path).items():
+                self._check_key(str(key), f"in {path}")
+                values[key] = coerce(key, value, self.types[key], f"in {path}")
+        for assignment in [*args.override, *args.assignments]:
+            key, value = self._split(assignment)
+            self._check_key(key, "on the command line")
+            values[key] = coerce(key, value, self.types[key], "on the command line")
+        try:
+            return self.params_cls(**values)
+        except UserError:
+            raise
+        except TypeError as exc:  # a missing required field
+            raise UserError(f"{exc}; set it in the config or with KEY=VALUE") from None
+
+    def _split(self, assignment: str) -> tuple[str, str]:
+        if "=" not in assignment:
+            raise UserError(f"'{assignment}' is not KEY=VALUE; write it as key=value (e.g. lr=1e-4)")
+        key, value = assignment.split("=", 1)
+        return key.strip(), value
+
+    def _check_key(self, key: str, where: str) -> None:
+        if key in self.fields:
+            return
+        close = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"unknown key '{key}' {where}; {hint}run with --help to list every key")
+
+
+# ----------------------------------------------------------------------------------------------
+# Error handling shared by every entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def report_user_errors(main: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str]) -> int:
+    """Run `main(argv)`; a UserError becomes one `error:` line and exit status 2."""
+    try:
+        return main(argv) or 0
+    except UserError as exc:
+        # Under torchrun every rank hits the same input error; one line is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def recipe_entry_point(main: Callable[[Sequence[str]], Optional[int]]) -> Callable[[Optional[Sequence[str]]], int]:
+    """Wrap a recipe's main so it exits 2 with one line on a UserError."""
+
+    def run(argv: Optional[Sequence[str]] = None) -> int:
+        return report_user_errors(main, list(sys.argv[1:] if argv is None else argv))
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The `tune` launcher
+# ----------------------------------------------------------------------------------------------
+
+# torchrun flags that take no value.
+_TORCHRUN_SWITCHES = {"--standalone", "--no-python", "--no_python", "--run-path", "--run_path"}
+
+USAGE = """usage: tune [torchrun flags] <recipe | path/to/recipe.py> --config X [--override k=v ...] [k=v ...]
+       tune run <recipe> ...         same as above
+       tune ls                       list recipes and their configs
+       tune cp <recipe|config> DEST  copy a recipe file or config out to edit
+       tune validate --config X [k=v ...] [--recipe R]   check and print the resolved params
+
+torchrun flags: --nproc_per_node N, --nnodes N, --node_rank R, --master_addr A, --master_port P, ...
+"""
+
+
+def split_launcher_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate leading torchrun flags from `<recipe> ...`."""
+    launcher: list[str] = []
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] not in ("-h", "--help"):
+        flag = argv[i]
+        launcher.append(flag)
+        if "=" not in flag and flag not in _TORCHRUN_SWITCHES:
+            if i + 1 >= len(argv):
+                raise UserError(f"torchrun flag {flag} needs a value")
+            launcher.append(argv[i + 1])
+            i += 1
+        i += 1
+    return launcher, list(argv[i:])
+
+
+def launcher_flag(launcher: Sequence[str], name: str) -> Optional[str]:
+    for i, token in enumerate(launcher):
+        if token == name and i + 1 < len(launcher):
+            return launcher[i + 1]
+        if token.startswith(name + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def needs_torchrun(launcher: Sequence[str]) -> bool:
+    nproc = launcher_flag(launcher, "--nproc_per_node") or launcher_flag(launcher, "--nproc-per-node") or "1"
+    nnodes = launcher_flag(launcher, "--nnodes") or "1"
+    return nproc not in ("1",) or nnodes not in ("1", "1:1")
+
+
+def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) -> int:
+    """Launch through torch's elastic launcher; a failed worker becomes an exit status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    if recipe.endswith(".py"):
+        target = [recipe]
+    else:
+        target = ["-m", find_recipe(recipe).module]
+    args = get_args_parser().parse_args([*launcher, *target, *recipe_argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return 2 if 2 in codes else (codes[0] if codes and codes[0] > 0 else 1)
+    return 0
+
+
+def cmd_ls() -> int:
+    width = max(len(e.name) for e in RECIPES) + 2
+    print(f"{'RECIPE':<{width}}{'ALIASES':<60}CONFIGS")
+    for entry in available_recipes():
+        aliases = ", ".join(entry.aliases) or "-"
+        configs = ", ".join(existing_configs(entry)) or "-"
+        print(f"{entry.name:<{width}}{aliases:<60}{configs}")
+    return 0
+
+
+def cmd_cp(argv: Sequence[str]) -> int:
+    if len(argv) != 2:
+        raise UserError("tune cp takes a recipe or config name and a destination: tune cp tiny_full my.yaml")
+    name, dest = argv
+    config_path = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if config_path.is_file():
+        source = config_path
+    else:
+        try:
+            module = find_recipe(name.removesuffix(".py")).module
+        except UserError:
+            raise UserError(f"'{name}' is neither a config nor a recipe; run `tune ls` to see both") from None
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None
+        source = Path(spec.origin)
+    target = Path(dest)
+    if target.is_dir():
+        target = target / source.name
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another destination or delete it first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    print(f"copied {source} to {target}")
+    return 0
+
+
+def cmd_validate(argv: Sequence[str]) -> int:
+    recipe = "full_finetune"
+    argv = list(argv)
+    if "--recipe" in argv:
+        i = argv.index("--recipe")
+        if i + 1 >= len(argv):
+            raise UserError("--recipe needs a recipe name")
+        recipe = argv[i + 1]
+        del argv[i : i + 2]
+    params_cls = params_class_for(recipe)
+    if params_cls is None:
+        raise UserError(f"recipe '{recipe}' declares no PARAMS_CLASS, so it cannot be validated")
+    params = TuneArgumentParser(params_cls, prog=f"tune validate --recipe {recipe}").parse_args(argv)
+    print(params)
+    print("config is valid")
+    return 0
+
+
+def params_class_for(recipe: str) -> Optional[type]:
+    """The Params dataclass a recipe reads; a user's recipe file may declare PARAMS_CLASS."""
+    if recipe.endswith(".py"):
+        return getattr(load_recipe_module(recipe), "PARAMS_CLASS", None)
+    return find_recipe(recipe, require_module=False).params_class()
+
+
+def tune_main(argv: Sequence[str]) -> int:
+    launcher, rest = split_launcher_args(argv)
+    if not rest or rest[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if rest else 2
+    command, *command_argv = rest
+    if command == "run":
+        if not command_argv:
+            raise UserError("tune run needs a recipe name: tune run full_finetune --config tiny_full")
+        command, *command_argv = command_argv
+    if not launcher:
+        if command == "ls":
+            return cmd_ls()
+        if command == "cp":
+            return cmd_cp(command_argv)
+        if command == "validate":
+            return cmd_validate(command_argv)
+    if needs_torchrun(launcher):
+        # Check the config once here, so a typo is one line and not a line per worker.
+        params_cls = params_class_for(command)
+        if params_cls is not None and not {"-h", "--help"} & set(command_argv):
+            TuneArgumentParser(params_cls).parse_args(command_argv)
+        return run_with_torchrun(launcher, command, command_argv)
+    module = load_recipe_module(command)
+    return module.main(command_argv) or 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return report_user_errors(tune_main, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Typed parameters for every recipe: one dataclass per recipe, validated on construction.
+
+A Params object is the single source of truth for a run. It is filled by
+`TuneArgumentParser` (CLI override > YAML config > the defaults here) or built directly in a
+notebook; either way `__post_init__` checks it the same way, so a bad value fails before any
+work starts. `to_yaml` / `from_yaml` round-trip exactly, which is how a run's `params.yaml`
+re-runs the same job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+from finetune.errors import UserError
+
+# Paths starting with this prefix point inside the installed package (the demo data and
+# tokenizer ship there), so configs work from any working directory.
+PACKAGE_PREFIX = "pkg:"
+
+
+def param(default: Any, help: str) -> Any:
+    """A dataclass field with a one-line help text (shown by `--help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def resolve_path(path: str) -> Path:
+    """Turn a path from params into a real path: `pkg:...` is relative to the package."""
+    if path.startswith(PACKAGE_PREFIX):
+        return Path(__file__).parent / path[len(PACKAGE_PREFIX):]
+    return Path(path).expanduser()
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(
+            f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}{hint}"
+        )
+
+
+def _check_field_types(params: Any) -> None:
+    """Check every field against its annotation, so notebook-built params fail like CLI ones."""
+    hints = typing.get_type_hints(type(params))
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        expected = hints[f.name]
+        if typing.get_origin(expected) is Literal:
+            _check_choice(f.name, value, typing.get_args(expected))
+        elif typing.get_origin(expected) is list and typing.get_origin(typing.get_args(expected)[0]) is Literal:
+            for item in value if isinstance(value, list) else []:
+                _check_choice(f.name, item, typing.get_args(typing.get_args(expected)[0]))
+        if not matches_type(value, expected):
+            raise UserError(
+                f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}"
+            )
+
+
+def matches_type(value: Any, tp: Any) -> bool:
+    """True when `value` is an instance of the (simple) annotation `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is typing.Union:
+        return any(matches_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(matches_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            matches_type(k, args[0]) and matches_type(v, args[1]) for k, v in value.items()
+        )
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def describe_type(tp: Any) -> str:
+    """A short human name for an annotation: `int`, `one of a|b`, `list of str`, `... or none`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(describe_type(a) for a in inner)
+        return f"{text} or none" if type(None) in args else text
+    if origin is Literal:
+        return "one of " + "|".join(map(str, args))
+    if origin is list:
+        return f"list of {describe_type(args[0])}"
+    if origin is dict:
+        return f"mapping of {describe_type(args[0])} to {describe_type(args[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+class ParamsIO:
+    """YAML in and out, shared by every Params dataclass (data only, no recipe behaviour)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()):  # noqa: ANN206
+        from finetune.cli import TuneArgumentParser
+
+        argv = ["--config", str(path), *overrides]
+        return TuneArgumentParser(cls).parse_args(argv)
+
+    def __str__(self) -> str:
+        width = max(len(f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
+        lines = [f"{type(self).__name__}:"]
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            lines.append(f"  {f.name:<{width}} = {getattr(self, f.name)!r}")
+        return "\n".join(lines)
+
+
+MODEL_HELP = "model: a registry name (e.g. llama3_1_8b, tiny) or auto to read it from the checkpoint"
+OptimizerName = Literal["adamw", "adam", "sgd", "adamw8bit", "adamw4bit"]
+
+
+@dataclass
+class FullFinetuneParams(ParamsIO):
+    """Everything a full fine-tune run needs."""
+
+    # Model and files
+    model: str = param("tiny", MODEL_HELP)
+    checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights; none = random init")
+    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    # Data
+    dataset: str = param("pkg:data/demo/train.jsonl", "local file or folder, or a HF dataset name")
+    dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how records are read")
+    template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
+    column_map: Optional[dict[str, str]] = param(None, "expected column -> your column, e.g. {output: answer}")
+    split: str = param("train", "dataset split to train on")
+    eval_dataset: Optional[str] = param(None, "held-out data for eval loss; none = no eval")
+    eval_every_n_steps: Optional[int] = param(None, "eval loss every N steps (and at the end)")
+    eval_max_batches: Optional[int] = param(None, "cap on eval batches per evaluation")
+    max_seq_len: int = param(512, "samples are truncated (or packed) to this many tokens")
+    train_on_input: bool = param(False, "also train on prompt tokens (false: loss on responses only)")
+    packed: bool = param(False, "pack samples into max_seq_len rows (no cross-document attention)")
+    num_workers: int = param(0, "DataLoader worker processes")
+    # Loop
+    seed: int = param(42, "random seed: same seed, same data order and loss curve")
+    shuffle: bool = param(True, "shuffle the data each epoch")
+    batch_size: int = param(2, "samples per micro-batch per process")
+    epochs: int = param(1, "passes over the data")
+    max_steps_per_epoch: Optional[int] = param(None, "stop an epoch after N optimizer steps")
+    gradient_accumulation_steps: int = param(1, "micro-batches per optimizer step")
+    optimizer: OptimizerName = param("adamw", "optimizer")
+    lr: float = param(2e-5, "peak learning rate")
+    weight_decay: float = param(0.01, "decoupled weight decay")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = param("cosine", "schedule after warmup")
+    warmup_steps: int = param(0, "linear warmup steps")
+    clip_grad_norm: Optional[float] = param(1.0, "clip gradients to this global norm; none = off")
+    # Hardware and memory
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    enable_activation_checkpointing: bool = param(False, "recompute each layer in backward")
+    enable_activation_offloading: bool = param(False, "keep saved activations in CPU memory")
+    cpu_offload: bool = param(False, "FSDP: keep parameters, grads and optimizer state on CPU")
+    reshard_after_forward: bool = param(True, "FSDP: free gathered weights after forward")
+    compile: bool = param(False, "torch.compile each decoder layer")
+    loss_chunks: int = param(8, "chunks for the cross-entropy, so fp32 logits never exist whole")
+    # Output
+    output_dir: str = param("output", "where checkpoints, metrics and status.json go")
+    resume_from_checkpoint: bool = param(False, "continue from the newest complete checkpoint")
+    save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also each epoch end)")
+    keep_last_n_checkpoints: Optional[int] = param(None, "delete older checkpoints; none = keep all")
+    log_every_n_steps: int = param(1, "write metrics every N steps")
+    metric_logger_type: Literal["jsonl", "tensorboard", "wandb"] = param("jsonl", "metrics.jsonl always; plus tensorboard or wandb")
+    profile: bool = param(False, "write a torch.profiler trace to output_dir/profile")
+    profile_wait_steps: int = param(1, "profiler: steps to skip first")
+    profile_active_steps: int = param(2, "profiler: steps to record")
+    heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        self._validate_common()
+
+    def _validate_common(self) -> None:
+        from finetune.models import MODEL_NAMES
+
+        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        _require(
+            self.model != "auto" or self.checkpoint_dir is not None,
+            "model=auto reads the architecture from the checkpoint, so set checkpoint_dir",
+        )
+        _require(
+            self.checkpoint_dir is not None or self.tokenizer_path is not None,
+            "tokenizer_path is required when checkpoint_dir is not set (no tokenizer to find)",
+        )
+        for name in ("max_seq_len", "batch_size", "epochs", "gradient_accumulation_steps",
+                     "log_every_n_steps", "loss_chunks", "profile_active_steps"):
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("num_workers", "warmup_steps", "profile_wait_steps"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
+        for name in ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n_checkpoints",
+                     "eval_every_n_steps", "eval_max_batches"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
+        _require(self.lr > 0, f"lr={self.lr} must be positive")
+        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be 0 or more")
+        _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
+        _require(
+            self.clip_grad_norm is None or self.clip_grad_norm > 0,
+            f"clip_grad_norm={self.clip_grad_norm} must be positive (or none to turn clipping off)",
+        )
+        _require(
+            not (self.device == "cpu" and self.optimizer == "adamw4bit"),
+            "optimizer=adamw4bit needs a GPU (its kernels do not run on CPU); use adamw8bit or adamw",
+        )
+        _require(
+            not (self.enable_activation_offloading and self.compile),
+            "enable_activation_offloading and compile cannot be combined: the offload hooks "
+            "break compiled graphs; turn one off",
+        )
+        _require(
+            self.eval_every_n_steps is None or self.eval_dataset is not None,
+            "eval_every_n_steps is set but eval_dataset is not; set eval_dataset",
+        )
+        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+
+
+LoraModule = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
+
+
+@dataclass
+class LoraFinetuneParams(FullFinetuneParams):
+    """A full fine-tune's parameters plus the adapter's."""
+
+    lr: float = param(3e-4, "peak learning rate")
+    lora_attn_modules: list[LoraModule] = param(["q_proj", "v_proj"], "attention projections given adapters")
+    apply_lora_to_mlp: bool = param(False, "also adapt the MLP projections")
+    apply_lora_to_output: bool = param(False, "also adapt the output head")
+    lora_rank: int = param(8, "adapter rank r")
+    lora_alpha: float = param(16.0, "adapter scale numerator: scale = alpha / rank")
+    lora_dropout: float = param(0.0, "dropout on the adapter input")
+    use_dora: bool = param(False, "DoRA: learn a magnitude vector beside the LoRA direction")
+    quantize_base: bool = param(False, "QLoRA: store frozen base weights as NF4")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be at least 1")
+        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive")
+        _require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _require(
+            len(set(self.lora_attn_modules)) == len(self.lora_attn_modules),
+            f"lora_attn_modules={self.lora_attn_modules} lists a module twice",
+        )
+        _require(
+            bool(self.lora_attn_modules) or self.apply_lora_to_mlp or self.apply_lora_to_output,
+            "no module gets an adapter: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output",
+        )

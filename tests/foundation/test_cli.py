@@ -1,0 +1,173 @@
+"""The `tune` launcher and TuneArgumentParser: bad input gives one `error:` line and exit 2,
+`ls` / `cp` / `validate`, a user recipe by path, and a 2-process dummy run through torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tune(*argv, cwd=None, timeout=240):
+    """Run `tune` in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *argv], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def single_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def run_in_process(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"tokenizer_path: tok.model\noutput_dir: {tmp_path / 'out'}\n")
+    return path
+
+
+BAD_INPUTS = [
+    (["validate", "--config", "{cfg}", "learning_rate=1"], "unknown key 'learning_rate' on the command line"),
+    (["validate", "--config", "{cfg}", "bach_size=1"], "did you mean 'batch_size'?"),
+    (["validate", "--config", "{cfg}", "batch_size=two"], "batch_size='two' (on the command line) is not valid: expected int"),
+    (["validate", "--config", "{cfg}", "batch_size=0"], "batch_size=0 must be at least 1"),
+    (["validate", "--config", "{cfg}", "compile=true", "enable_activation_offloading=true"], "cannot be combined"),
+    (["validate", "--config", "no_such_config"], "config 'no_such_config' not found"),
+    (["validate", "--config", "{cfg}", "shuffle=maybe"], "expected bool"),
+    (["validate", "--config", "{cfg}", "optimizer=lion"], "optimizer='lion' (on the command line) is not valid: expected one of adamw|adam|sgd"),
+    (["no_such_recipe", "--config", "{cfg}"], "unknown recipe 'no_such_recipe'"),
+    (["validate", "--config", "{cfg}", "lr"], "'lr' is not KEY=VALUE"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_INPUTS)
+def test_bad_input_is_one_error_line_and_exit_2(capsys, config, argv, expected):
+    argv = [a.replace("{cfg}", str(config)) for a in argv]
+    code, out = run_in_process(capsys, *argv)
+    assert code == 2
+    assert expected in single_error_line(out.err)
+
+
+def test_unknown_key_in_yaml_names_file_and_suggestion(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tokenizer_path: t\nwarmup_step: 3\n")
+    code, out = run_in_process(capsys, "validate", "--config", str(path))
+    line = single_error_line(out.err)
+    assert code == 2 and f"unknown key 'warmup_step' in {path}" in line and "did you mean 'warmup_steps'?" in line
+
+
+def test_malformed_yaml_names_the_line(capsys, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("tokenizer_path: t\nlr: 0.1\nbatch_size: [1, 2\nepochs: 1\n")
+    code, out = run_in_process(capsys, "validate", "--config", str(path))
+    line = single_error_line(out.err)
+    assert code == 2 and f"malformed YAML in {path}, line" in line
+
+
+def test_errors_from_a_fresh_process_have_no_traceback(config):
+    result = tune("dumy", "--config", str(config))
+    assert result.returncode == 2
+    assert "did you mean 'dummy'?" in single_error_line(result.stderr)
+    result = tune("validate", "--config", str(config), "epochs=-1")
+    assert result.returncode == 2
+    assert "epochs=-1 must be at least 1" in single_error_line(result.stderr)
+
+
+def test_help_lists_every_field_with_type_default_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dummy", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("lr: float = 2e-05", "optimizer: one of adamw|adam|sgd|adamw8bit|adamw4bit = 'adamw'",
+                 "max_steps_per_epoch: int or none = None", "peak learning rate"):
+        assert line in out
+
+
+def test_ls_lists_recipes_and_configs(capsys):
+    code, out = run_in_process(capsys, "ls")
+    assert code == 0
+    dummy_row = next(line for line in out.out.splitlines() if line.startswith("dummy"))
+    assert "tiny_full" in dummy_row
+
+
+def test_cp_copies_a_config_and_refuses_to_overwrite(capsys, tmp_path):
+    dest = tmp_path / "mine.yaml"
+    code, _ = run_in_process(capsys, "cp", "tiny_full", str(dest))
+    assert code == 0
+    assert yaml.safe_load(dest.read_text())["model"] == "tiny"
+    code, out = run_in_process(capsys, "cp", "tiny_full", str(dest))
+    assert code == 2 and "already exists" in single_error_line(out.err)
+
+
+def test_cp_copies_a_recipe_file(capsys, tmp_path):
+    code, _ = run_in_process(capsys, "cp", "dummy", str(tmp_path))
+    assert code == 0
+    assert "class DummyRecipe" in (tmp_path / "dummy.py").read_text()
+
+
+def test_validate_prints_resolved_params(capsys, config):
+    code, out = run_in_process(capsys, "validate", "--config", str(config), "--override", "lr=0.5", "epochs=3")
+    assert code == 0
+    assert "lr" in out.out and "0.5" in out.out and "config is valid" in out.out
+
+
+def test_dummy_runs_in_process_and_writes_outputs(capsys, tmp_path, config):
+    code, out = run_in_process(capsys, "run", "dummy", "--config", str(config), "max_steps_per_epoch=3")
+    assert code == 0
+    out_dir = tmp_path / "out"
+    losses = [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert (out_dir / "step_3" / "model.safetensors").is_file()
+    assert yaml.safe_load((out_dir / "params.yaml").read_text())["max_steps_per_epoch"] == 3
+
+
+def test_user_recipe_by_path(tmp_path, config):
+    recipe = tmp_path / "my_recipe.py"
+    recipe.write_text(
+        "import sys\n"
+        "from finetune.cli import TuneArgumentParser\n"
+        "from finetune.params import FullFinetuneParams\n"
+        "def main(argv):\n"
+        "    params = TuneArgumentParser(FullFinetuneParams).parse_args(argv)\n"
+        "    print(f'my recipe lr={params.lr}')\n"
+        "    return 0\n"
+        "if __name__ == '__main__':\n"
+        "    sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = tune(str(recipe), "--config", str(config), "lr=0.25")
+    assert result.returncode == 0, result.stderr
+    assert "my recipe lr=0.25" in result.stdout
+
+
+@pytest.mark.slow
+def test_dummy_with_two_processes(tmp_path, config):
+    result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "max_steps_per_epoch=2")
+    assert result.returncode == 0, result.stderr
+    assert "dummy: rank 0 of 2" in result.stdout and "dummy: rank 1 of 2" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ranks"] for r in records] == [2, 2]
+    # Loss is exp(-0.1 * step) once shares from both ranks are summed and normalised.
+    assert records[0]["loss"] == pytest.approx(0.904837418, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_bad_config_with_two_processes_is_one_line(config):
+    result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "lr=-1")
+    assert result.returncode == 2
+    assert "lr=-1.0 must be positive" in single_error_line(result.stderr)
