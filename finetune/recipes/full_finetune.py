@@ -1,0 +1,384 @@
+"""Full fine-tuning of a Llama-family model, on one CPU or GPU or with FSDP2 across processes
+and nodes (`tune --nproc_per_node N finetune_llm ...`).
+
+Read it top to bottom: `setup` builds the model, tokenizer, data, optimizer, schedule and
+loggers from blocks in `finetune/`; `train` runs the loop with gradient accumulation;
+`save_checkpoint` writes the model in Hugging Face format plus the recipe state that makes a
+resume exact; `cleanup` closes everything. One class, no base class.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from finetune.checkpointing.atomic import atomic_directory, latest_checkpoint, prune_checkpoints
+from finetune.checkpointing.recipe_state import (
+    gather_rng_states,
+    load_recipe_state,
+    restore_rng_state,
+    rng_state_for_rank,
+    save_recipe_state,
+)
+from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.data import ResumableDistributedSampler, build_dataloader, build_dataset, collate
+from finetune.errors import UserError
+from finetune.models import TransformerDecoder, num_params
+from finetune.params import FullFinetuneParams, resolve_path
+from finetune.tokenizers import load_tokenizer
+from finetune.training.activations import activation_offloading
+from finetune.training.distributed import all_reduce_sum, barrier, destroy_distributed, init_distributed, resolve_device
+from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
+from finetune.training.guards import check_finite_loss, out_of_memory_error
+from finetune.training.loss import chunked_cross_entropy, count_tokens
+from finetune.training.lr_schedule import build_lr_scheduler
+from finetune.training.memory import peak_memory_gb
+from finetune.training.metrics import build_metric_loggers
+from finetune.training.model_setup import initial_state_dict, prepare_model, resolve_model_args
+from finetune.training.monitor import JobMonitor
+from finetune.training.optim import build_optimizer, clip_grad_norm
+from finetune.training.precision import resolve_dtype
+from finetune.training.profiler import build_profiler
+
+PARAMS_CLASS = FullFinetuneParams
+RECIPE_STATE_FILE = "recipe_state.pt"
+
+
+class FullFinetuneRecipe:
+    """Update every weight of the model on instruction, chat or text data."""
+
+    def __init__(self, params: FullFinetuneParams) -> None:
+        self.params = params
+        self.output_dir = Path(params.output_dir)
+        self.global_step = 0
+        self.epoch = 0
+        self.steps_done_in_epoch = 0
+        self.last_saved_step: Optional[int] = None
+        self.monitor: Optional[JobMonitor] = None
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        p = self.params
+        self.dist = init_distributed(resolve_device(p.device).type)
+        self.rank_zero = self.dist.rank == 0
+        self.device = resolve_device(p.device, self.dist.local_rank)
+        self.dtype = resolve_dtype(self._dtype_name(), self.device)
+        self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
+        if self.rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            p.to_yaml(self.output_dir / "params.yaml")
+            self.log(str(p))
+
+        resume_dir = self._find_resume_checkpoint()
+        self.model_args = resolve_model_args(p.model, p.checkpoint_dir)
+        self.model = self._setup_model(resume_dir)
+        self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
+        self.tokenizer = load_tokenizer(self.tokenizer_path, family=self.model_args.family)
+        self.train_loader, self.sampler = self._setup_data(p.dataset, p.split, shuffle=p.shuffle)
+        self.eval_loader = self._setup_data(p.eval_dataset, "train", shuffle=False)[0] if p.eval_dataset else None
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.optimizer = build_optimizer(
+            p.optimizer, self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, device=self.device
+        )
+        self.lr_scheduler = build_lr_scheduler(
+            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs
+        )
+        if resume_dir is not None:
+            self._load_recipe_state(resume_dir)
+        self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
+        self.log(
+            f"model {p.model}: {num_params(self.model) * (self.dist.world_size if self.dist.is_distributed else 1):,} "
+            f"parameters on {self.device} in {self.dtype}; {self.dist.world_size} process(es); "
+            f"{self.steps_per_epoch} steps per epoch"
+        )
+
+    def _dtype_name(self) -> str:
+        if self.params.dtype != "auto":
+            return self.params.dtype
+        # bf16 matmuls are emulated and ~20x slower on CPUs without bf16 units.
+        return "bf16" if torch.cuda.is_available() and self.params.device != "cpu" else "fp32"
+
+    def _find_resume_checkpoint(self) -> Optional[Path]:
+        if not self.params.resume_from_checkpoint:
+            return None
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            self.log(f"resume_from_checkpoint: no checkpoint in {self.output_dir} yet, starting from step 0")
+        else:
+            self.log(f"resuming from {checkpoint}")
+        return checkpoint
+
+    def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
+        p = self.params
+        with torch.device("meta"):
+            model = TransformerDecoder(self.model_args)
+        state_dict: dict[str, torch.Tensor] = {}
+        if self.rank_zero or not self.dist.is_distributed:
+            weights_dir = resume_dir or (resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
+            checkpoint_format = "hf" if resume_dir else p.checkpoint_format
+            state_dict = initial_state_dict(
+                self.model_args, weights_dir=weights_dir, checkpoint_format=checkpoint_format,
+                dtype=self.dtype, seed=p.seed,
+            )
+        return prepare_model(
+            model, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
+            activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,
+            reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload,
+        )
+
+    def _setup_data(
+        self, source: str, split: str, *, shuffle: bool
+    ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
+        p = self.params
+        dataset = build_dataset(
+            str(resolve_path(source)) if source.startswith("pkg:") else source,
+            dataset_type=p.dataset_type, tokenizer=self.tokenizer, max_seq_len=p.max_seq_len,
+            template=p.template, train_on_input=p.train_on_input, column_map=p.column_map, split=split,
+            packed=p.packed, log=self.log,
+        )
+        sampler = ResumableDistributedSampler(
+            len(dataset), rank=self.dist.rank, world_size=self.dist.world_size, seed=p.seed,
+            shuffle=shuffle, drop_last=shuffle,
+        )
+        pad_id = self.tokenizer.pad_id
+        loader = build_dataloader(
+            dataset, batch_size=p.batch_size, sampler=sampler, num_workers=p.num_workers,
+            collate_fn=lambda batch: collate(batch, pad_id=pad_id),
+        )
+        return loader, sampler
+
+    def _steps_per_epoch(self) -> int:
+        p = self.params
+        full_steps = len(self.sampler) // (p.batch_size * p.gradient_accumulation_steps)
+        if full_steps == 0:
+            raise UserError(
+                f"the dataset gives each of the {self.dist.world_size} process(es) {len(self.sampler)} samples, "
+                f"fewer than one step needs (batch_size x gradient_accumulation_steps = "
+                f"{p.batch_size * p.gradient_accumulation_steps}); lower them or add data"
+            )
+        return min(full_steps, p.max_steps_per_epoch or full_steps)
+
+    def _load_recipe_state(self, checkpoint: Path) -> None:
+        state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
+        load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if self.rank_zero else {})
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.steps_done_in_epoch = state["steps_done_in_epoch"]
+        self.last_saved_step = self.global_step
+        restore_rng_state(rng_state_for_rank(state["rng_states"], self.dist.rank))
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        p = self.params
+        assert self.monitor is not None
+        self.monitor.set_state("running")
+        if self.eval_loader is not None and self.global_step == 0:
+            self._log_metrics({"eval_loss": self.evaluate()})
+        progress = tqdm(
+            total=self.steps_per_epoch * p.epochs, initial=self.global_step, disable=not self.rank_zero,
+            desc="train", dynamic_ncols=True,
+        )
+        profiler = build_profiler(
+            p.profile, self.output_dir, wait=p.profile_wait_steps, warmup=1, active=p.profile_active_steps
+        )
+        try:
+            with profiler:
+                for self.epoch in range(self.epoch, p.epochs):
+                    self._train_epoch(progress, profiler)
+                    self.steps_done_in_epoch = 0
+                    self.epoch += 1
+                    if self.last_saved_step != self.global_step:
+                        self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.log(f"interrupted at step {self.global_step}: saving a checkpoint before exiting")
+            if self.last_saved_step != self.global_step:
+                self.save_checkpoint()
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory_error(self.global_step, self.device) from exc
+        finally:
+            progress.close()
+        if self.eval_loader is not None:
+            self._log_metrics({"eval_loss": self.evaluate()})
+        self.monitor.finish()
+
+    def _train_epoch(self, progress: tqdm, profiler: Any) -> None:
+        p = self.params
+        samples_per_step = p.batch_size * p.gradient_accumulation_steps
+        self.sampler.set_epoch(self.epoch, start_index=self.steps_done_in_epoch * samples_per_step)
+        batches = iter(self.train_loader)
+        while self.steps_done_in_epoch < self.steps_per_epoch:
+            started = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
+            metrics = self.train_step(micro_batches)
+            self.global_step += 1
+            self.steps_done_in_epoch += 1
+            metrics["tokens_per_second"] = metrics.pop("tokens") / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            assert self.monitor is not None
+            self.monitor.update(step=self.global_step, epoch=self.epoch, loss=metrics["loss"])
+            if self.global_step % p.log_every_n_steps == 0:
+                metrics["peak_memory_gb"] = peak_memory_gb(self.device)
+                self._log_metrics(metrics)
+            if self.eval_loader is not None and p.eval_every_n_steps and self.global_step % p.eval_every_n_steps == 0:
+                self._log_metrics({"eval_loss": self.evaluate()})
+            if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
+                self.save_checkpoint()
+            profiler.step()
+
+    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step over `micro_batches`, the loss normalised by all their tokens.
+
+        Each token weighs the same whatever the padding: the summed loss of every micro-batch
+        on every rank is divided by the number of trained tokens over all of them. FSDP
+        averages gradients over ranks, hence the factor world_size.
+        """
+        p = self.params
+        local_tokens = sum(count_tokens(b["labels"]) for b in micro_batches)
+        global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, device=self.device).float())
+        scale = self.dist.world_size / global_tokens.clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss_sum += self._backward(batch, scale)
+        loss = (all_reduce_sum(loss_sum) / global_tokens.clamp(min=1)).item()
+        check_finite_loss(loss, self.global_step + 1, self.last_saved_step and self.output_dir / f"step_{self.last_saved_step}")
+        grad_norm = clip_grad_norm(self.model.parameters(), p.clip_grad_norm or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.lr_scheduler.step()
+        non_pad = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+        tokens = all_reduce_sum(torch.tensor(float(non_pad), device=self.device)).item()
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _backward(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with activation_offloading(self.params.enable_activation_offloading):
+            loss_sum = self._loss_sum(batch)
+        (loss_sum * scale).backward()
+        return loss_sum.detach()
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(
+            batch["tokens"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
+            return_hidden=True,
+        )
+        return chunked_cross_entropy(hidden, self.model.output, batch["labels"], num_chunks=self.params.loss_chunks)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-token loss on the held-out data (all ranks together)."""
+        assert self.eval_loader is not None
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for i, batch in enumerate(self.eval_loader):
+            if self.params.eval_max_batches and i >= self.params.eval_max_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss_sum += self._loss_sum(batch)
+            tokens += count_tokens(batch["labels"])
+        self.model.train()
+        return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens).clamp(min=1)).item()
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        for logger in self.metric_loggers:
+            logger.log(self.global_step, metrics)
+        if "eval_loss" in metrics:
+            self.log(f"step {self.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write `output_dir/step_<N>/` atomically: HF model, params.yaml, recipe state."""
+        assert self.monitor is not None
+        self.monitor.set_state("checkpointing")
+        # Gathering full state is collective: every rank takes part, rank 0 writes.
+        model_state = full_model_state_dict(self.model)
+        optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
+        rng_states = gather_rng_states(self.dist.world_size)
+        step_dir = self.output_dir / f"step_{self.global_step}"
+        if self.rank_zero:
+            from finetune.checkpointing import save_hf_checkpoint
+
+            with atomic_directory(step_dir) as tmp:
+                save_hf_checkpoint(
+                    model_state, self.model_args, tmp, tokenizer_files=self._tokenizer_files(),
+                    bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+                )
+                self.params.to_yaml(tmp / "params.yaml")
+                save_recipe_state(tmp / RECIPE_STATE_FILE, {
+                    "optimizer": optimizer_state,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "steps_done_in_epoch": self.steps_done_in_epoch,
+                    "rng_states": rng_states,
+                })
+            if self.params.keep_last_n_checkpoints:
+                prune_checkpoints(self.output_dir, self.params.keep_last_n_checkpoints)
+            self.monitor.checkpoint_saved(step_dir)
+            self.log(f"saved {step_dir}")
+        barrier()
+        self.last_saved_step = self.global_step
+        self.monitor.set_state("running")
+
+    def _tokenizer_files(self) -> list[Path]:
+        path = self.tokenizer_path
+        return [path / "tokenizer.model"] if path.is_dir() else [path]
+
+    # ------------------------------------------------------------------------------------------
+    # The end
+    # ------------------------------------------------------------------------------------------
+
+    def fail(self, error: BaseException) -> None:
+        if self.monitor is not None:
+            self.monitor.fail(str(error) or type(error).__name__)
+
+    def cleanup(self) -> None:
+        for logger in getattr(self, "metric_loggers", []):
+            logger.close()
+        destroy_distributed()
+
+    def log(self, message: str) -> None:
+        if getattr(self, "rank_zero", True):
+            tqdm.write(message, file=sys.stderr)
+
+
+def _main(argv: Sequence[str]) -> int:
+    params = TuneArgumentParser(PARAMS_CLASS, prog="tune full_finetune").parse_args(argv)
+    recipe = FullFinetuneRecipe(params)
+    try:
+        recipe.setup()
+        recipe.train()
+    except KeyboardInterrupt as exc:
+        recipe.fail(exc)
+        return 130
+    except BaseException as exc:
+        recipe.fail(exc)
+        raise
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+main = recipe_entry_point(_main)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Pick and build the right tokenizer for a `tokenizer.model` file or checkpoint directory."""
+
+from pathlib import Path
+from typing import Optional, Union
+
+from finetune.errors import UserError
+from finetune.tokenizers.base import Tokenizer
+from finetune.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer, parse_model
+from finetune.tokenizers.tiktoken_tokenizer import TikTokenTokenizer, is_ranks_file
+
+FAMILIES = ("llama2", "llama3")
+_KIND = {
+    "llama2": "a SentencePiece model (Llama 2)",
+    "llama3": "a tiktoken ranks file (Llama 3)",
+}
+# Where checkpoint directories keep the tokenizer; Hugging Face Llama 3 repos put Meta's
+# file under original/.
+_CANDIDATES = ("tokenizer.model", "original/tokenizer.model")
+
+
+def normalize_family(family: str) -> str:
+    """Map a family or model name ("llama3_1_8b", "Llama-3.2") to "llama2" or "llama3"."""
+    key = family.lower().replace("-", "").replace("_", "").replace(".", "")
+    for name in FAMILIES:
+        if key.startswith(name):
+            return name
+    raise UserError(
+        f"unknown tokenizer family {family!r}; use one of {', '.join(FAMILIES)}"
+    )
+
+
+def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
+    """The tokenizer file itself, looking inside `path` when it is a directory."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in _CANDIDATES:
+            if (path / name).is_file():
+                return path / name
+        raise UserError(
+            f"no tokenizer.model in directory {path}; point the tokenizer path at the "
+            "tokenizer.model file of the checkpoint"
+        )
+    if not path.is_file():
+        raise UserError(
+            f"tokenizer file {path} does not exist; check the tokenizer path in your config"
+        )
+    return path
+
+
+def detect_family(path: Path, data: bytes) -> str:
+    """"llama3" for a tiktoken ranks file, "llama2" for a SentencePiece model.
+
+    SentencePiece files are binary protobuf with no magic number, so the tiktoken text
+    format is recognised first and SentencePiece itself judges the rest.
+    """
+    if is_ranks_file(data):
+        return "llama3"
+    if parse_model(data) is not None:
+        return "llama2"
+    if data.lstrip()[:1] == b"{":
+        raise UserError(
+            f"{path} is a JSON file (a Hugging Face tokenizer.json?), not a tokenizer.model; "
+            "point the tokenizer path at tokenizer.model (original/tokenizer.model for Llama 3)"
+        )
+    raise UserError(
+        f"{path} is neither {_KIND['llama2']} nor {_KIND['llama3']}; point the tokenizer "
+        "path at the tokenizer.model that ships with the checkpoint"
+    )
+
+
+def load_tokenizer(path: Union[str, Path], family: Optional[str] = None) -> Tokenizer:
+    """Load a Llama 2 (SentencePiece) or Llama 3 (tiktoken) tokenizer from a file or a
+    checkpoint directory.
+
+    The kind is read from the file's content. Given `family` (or a model name starting with
+    it), a file of the other kind is refused with a message naming both, rather than
+    training with the wrong vocabulary.
+    """
+    file = resolve_tokenizer_path(path)
+    data = file.read_bytes()
+    kind = detect_family(file, data)
+    if family is not None:
+        wanted = normalize_family(family)
+        if wanted != kind:
+            raise UserError(
+                f"{file} is {_KIND[kind]} but a {wanted} model needs {_KIND[wanted]}; use "
+                f"the tokenizer.model that ships with the {wanted} checkpoint"
+            )
+    if kind == "llama3":
+        return TikTokenTokenizer(file, data=data)
+    return SentencePieceTokenizer(file, data=data)
