@@ -241,29 +241,35 @@ class FullFinetuneRecipe:
             profiler.step()
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `micro_batches`, the loss normalised by all their tokens.
+        """One optimizer step over `micro_batches`."""
+        loss = self.accumulate_gradients(micro_batches)
+        check_finite_loss(loss, self.global_step + 1, self._last_checkpoint_dir())
+        grad_norm = clip_grad_norm(self.model.parameters(), self.params.clip_grad_norm or math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        non_pad = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
+        tokens = all_reduce_sum(torch.tensor(float(non_pad), device=self.device)).item()
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def accumulate_gradients(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
+        """Backpropagate every micro-batch; return the step's mean loss per trained token.
 
         Each token weighs the same whatever the padding: the summed loss of every micro-batch
         on every rank is divided by the number of trained tokens over all of them. FSDP
         averages gradients over ranks, hence the factor world_size.
         """
-        p = self.params
         local_tokens = sum(count_tokens(b["labels"]) for b in micro_batches)
-        global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, device=self.device).float())
-        scale = self.dist.world_size / global_tokens.clamp(min=1)
+        global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, device=self.device).float()).clamp(min=1)
+        scale = self.dist.world_size / global_tokens
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss_sum += self._backward(batch, scale)
-        loss = (all_reduce_sum(loss_sum) / global_tokens.clamp(min=1)).item()
-        check_finite_loss(loss, self.global_step + 1, self.last_saved_step and self.output_dir / f"step_{self.last_saved_step}")
-        grad_norm = clip_grad_norm(self.model.parameters(), p.clip_grad_norm or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.lr_scheduler.step()
-        non_pad = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
-        tokens = all_reduce_sum(torch.tensor(float(non_pad), device=self.device)).item()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return (all_reduce_sum(loss_sum) / global_tokens).item()
+
+    def _last_checkpoint_dir(self) -> Optional[Path]:
+        return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
 
     def _backward(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,40 @@
+"""Loss masks to training labels: shifting, truncation and the ignore index.
+
+Labels are stored already shifted by one: `labels[i]` is the target of the prediction
+made at position i, which is `tokens[i + 1]` when that token is trained on. Shifting once
+here keeps the loss a plain cross entropy and lets packing concatenate samples without a
+document's last prediction reaching into the next document.
+"""
+
+from typing import Sequence
+
+IGNORE_INDEX = -100
+
+
+def shifted_labels(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
+    """Targets for next-token prediction; `mask[i]` True means `tokens[i]` carries no loss."""
+    if len(tokens) != len(mask):
+        raise ValueError(f"tokens and mask differ in length: {len(tokens)} != {len(mask)}")
+    labels = [IGNORE_INDEX if masked else token for token, masked in zip(tokens[1:], mask[1:])]
+    labels.append(IGNORE_INDEX)
+    return labels
+
+
+def truncate(
+    tokens: list[int], mask: list[bool], max_seq_len: int
+) -> tuple[list[int], list[bool]]:
+    """Cut a sample to `max_seq_len` tokens, keeping its final (end-of-sequence) token.
+
+    Keeping the closing token means a truncated response still teaches the model to stop,
+    and generation from a fine-tuned model does not learn to run on forever.
+    """
+    if len(tokens) <= max_seq_len:
+        return tokens, mask
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+    return tokens[: max_seq_len - 1] + tokens[-1:], mask[: max_seq_len - 1] + mask[-1:]
+
+
+def has_targets(labels: Sequence[int]) -> bool:
+    """Whether a sample contributes anything to the loss."""
+    return any(label != IGNORE_INDEX for label in labels)

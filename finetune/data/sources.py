@@ -1,0 +1,347 @@
+"""Reading records from local files, local dataset folders and the Hugging Face Hub.
+
+Every loader returns `Records`: a list of dicts that remembers where each record came
+from, so a bad value can be reported as "train.jsonl line 7" rather than "record 6".
+
+Local formats: `.json` (a list of objects), `.jsonl`, `.csv`, `.tsv`, `.parquet` and
+`.txt`. A `.txt` file is one record `{"text": <whole file>}`: text datasets are usually
+documents, and splitting them on newlines would cut paragraphs apart. A folder is either a
+dataset saved with `datasets.save_to_disk` (needs the optional `datasets` package) or a
+folder of data files; any other name is looked up on the Hugging Face Hub.
+"""
+
+import codecs
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from finetune.errors import UserError
+
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+_HF_EXTRA = 'pip install "finetune[hf]"'
+_SPLIT_RE = re.compile(r"^(\w[\w.-]*)(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$")
+
+
+class Records(list):
+    """Records of one source, plus what is needed to name any one of them in a message."""
+
+    def __init__(
+        self, items: Iterable[dict], *, source: str, lines: Optional[list[int]] = None
+    ) -> None:
+        super().__init__(items)
+        self.source = source
+        self.lines = lines  # line of each record in its file, when the format has lines
+
+    def where(self, index: int) -> str:
+        """'<file> line N' or '<source> record N' (1-based) for the record at `index`."""
+        if self.lines is not None:
+            return f"{self.source} line {self.lines[index]}"
+        return f"{self.source} record {index + 1}"
+
+    def select(self, start: int, stop: int) -> "Records":
+        lines = None if self.lines is None else self.lines[start:stop]
+        return Records(self[start:stop], source=self.source, lines=lines)
+
+
+def load_records(
+    source: str, *, split: str = "train", column_map: Optional[dict[str, str]] = None
+) -> Records:
+    """Load every record of `source`'s `split`, renaming columns with `column_map`.
+
+    `split` is a split name, optionally sliced like `train[:90%]`, `train[90%:]` or
+    `train[:1000]`. A local file is its own "train" split. `column_map` maps the column
+    name finetune expects to the user's name for it, e.g. `{"output": "answer"}`.
+    """
+    name, bounds = parse_split(split)
+    path = Path(source).expanduser()
+    if path.is_file():
+        if name != "train":
+            raise UserError(
+                f"split '{split}' asked of the file {source}, which is a single 'train' split; "
+                "use split='train' (optionally sliced, e.g. 'train[:90%]')"
+            )
+        records = slice_records(read_file(path), bounds)
+    elif path.is_dir():
+        records = slice_records(_read_folder(path, name), bounds)
+    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise UserError(f"dataset file {source} does not exist; check the path")
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise UserError(
+            f"dataset {source} (split '{split}') has no records; point it at a file with data"
+        )
+    if column_map:
+        records = rename_columns(records, column_map)
+    return records
+
+
+def parse_split(split: str) -> tuple[str, tuple[Optional[str], Optional[str]]]:
+    """'train[:90%]' -> ('train', (None, '90%'))."""
+    match = _SPLIT_RE.match(split.strip())
+    if match is None:
+        raise UserError(
+            f"split '{split}' is not understood; use a name like 'train' "
+            "or a slice like 'train[:90%]', 'train[90%:]', 'train[:1000]'"
+        )
+    return match.group(1), (match.group(2), match.group(3))
+
+
+def slice_records(records: Records, bounds: tuple[Optional[str], Optional[str]]) -> Records:
+    start, stop = (_bound(b, len(records)) for b in bounds)
+    return records.select(0 if start is None else start, len(records) if stop is None else stop)
+
+
+def _bound(bound: Optional[str], n: int) -> Optional[int]:
+    if bound is None:
+        return None
+    if bound.endswith("%"):
+        # Round to the nearest record so that '[:90%]' and '[90%:]' always meet exactly.
+        return math.floor(n * int(bound[:-1]) / 100 + 0.5)
+    return int(bound)
+
+
+def rename_columns(records: Records, column_map: dict[str, str]) -> Records:
+    """Rename user columns to the names finetune expects (`{expected: user_name}`)."""
+    if not isinstance(column_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
+    ):
+        raise UserError(
+            f"column_map must map column names to column names, got {column_map!r}; "
+            "write it like {output: answer}"
+        )
+    renamed = set(column_map.values())
+    out = []
+    for i, record in enumerate(records):
+        new = {k: v for k, v in record.items() if k not in renamed}
+        for expected, actual in column_map.items():
+            if actual not in record:
+                raise UserError(
+                    f"column '{actual}' (column_map {expected}: {actual}) is missing from "
+                    f"{records.where(i)}; columns found: {', '.join(map(str, record))}; "
+                    "fix column_map"
+                )
+            new[expected] = record[actual]
+        out.append(new)
+    return Records(out, source=records.source, lines=records.lines)
+
+
+def read_file(path: Path) -> Records:
+    """Read one local data file by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    text = decode_utf8(path.read_bytes(), str(path))
+    if suffix == ".json":
+        return _read_json(text, str(path))
+    if suffix == ".jsonl":
+        return _read_jsonl(text, str(path))
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(text, str(path), delimiter="\t" if suffix == ".tsv" else ",")
+    if suffix == ".txt":
+        return Records([{"text": text}] if text.strip() else [], source=str(path))
+    raise UserError(
+        f"dataset file {path} has an unsupported type '{suffix}'; "
+        f"use one of {', '.join(FILE_SUFFIXES)}"
+    )
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """Decode UTF-8 (a leading byte-order mark is allowed), naming the first bad byte."""
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise UserError(
+            f"{name} is not valid UTF-8 at byte offset {offset} (line {line}); "
+            "re-save the file with UTF-8 encoding"
+        ) from None
+
+
+def _read_json(text: str, name: str) -> Records:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{name} line {e.lineno} column {e.colno} is not valid JSON ({e.msg}); fix the file"
+        ) from None
+    if not isinstance(data, list):
+        raise UserError(
+            f"{name} holds a JSON {_json_type(data)}, expected a list of records; "
+            "write [{...}, {...}] or use .jsonl with one record per line"
+        )
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise UserError(
+                f"{name} record {i + 1} is a JSON {_json_type(item)}, expected an object; "
+                "make each record an object like {\"instruction\": ...}"
+            )
+    return Records(data, source=name)
+
+
+def _read_jsonl(text: str, name: str) -> Records:
+    records, lines = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{name} line {lineno} column {e.colno} is not valid JSON ({e.msg}); "
+                "each line must hold one JSON object"
+            ) from None
+        if not isinstance(item, dict):
+            raise UserError(
+                f"{name} line {lineno} is a JSON {_json_type(item)}, expected an object; "
+                "each line must hold one JSON object"
+            )
+        records.append(item)
+        lines.append(lineno)
+    return Records(records, source=name, lines=lines)
+
+
+def _read_csv(text: str, name: str, delimiter: str) -> Records:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return Records([], source=name, lines=[])
+        records, lines = [], []
+        first_line = reader.line_num + 1
+        for row in reader:
+            if row:
+                if len(row) != len(header):
+                    raise UserError(
+                        f"{name} line {first_line} has {len(row)} fields but the header has "
+                        f"{len(header)}; quote fields that contain '{delimiter}'"
+                    )
+                records.append(dict(zip(header, row)))
+                lines.append(first_line)
+            first_line = reader.line_num + 1
+    except csv.Error as e:
+        raise UserError(
+            f"{name} line {reader.line_num} is not valid CSV ({e}); fix the file"
+        ) from None
+    return Records(records, source=name, lines=lines)
+
+
+def _read_parquet(path: Path) -> Records:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(
+            f"cannot read {path} as Parquet ({_first_line(e)}); check the file"
+        ) from None
+    return Records(table.to_pylist(), source=str(path))
+
+
+def _read_folder(path: Path, split: str) -> Records:
+    """A `save_to_disk` folder, or a folder of data files named by split."""
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return _read_saved(path, split)
+    files = _split_files(path, split)
+    records, lines = [], []
+    all_lines = True
+    for file in files:
+        part = read_file(file)
+        records.extend(part)
+        all_lines = all_lines and part.lines is not None
+        lines.extend(part.lines or [])
+    if len(files) == 1:
+        return Records(records, source=str(files[0]), lines=lines if all_lines else None)
+    return Records(records, source=f"{path} ({split})")
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    """Data files of one split, following the Hub's naming (train.jsonl, train-0001.parquet,
+    train/...); a folder without split names is all 'train'."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+    if not files:
+        raise UserError(
+            f"dataset folder {path} holds no data files; add files ending in "
+            f"{', '.join(FILE_SUFFIXES)}"
+        )
+
+    def split_of(file: Path) -> Optional[str]:
+        parts = [part.lower() for part in file.relative_to(path).parts]
+        for word in ("train", "validation", "valid", "test", "eval"):
+            if parts[0] == word or re.match(rf"^{word}([-_.].*)?$", parts[-1]):
+                return word
+        return None
+
+    named = {file: split_of(file) for file in files}
+    chosen = [f for f, s in named.items() if s == split.lower()]
+    if not chosen and split == "train" and not any(named.values()):
+        chosen = files
+    if not chosen:
+        found = sorted({s for s in named.values() if s}) or ["train"]
+        raise UserError(
+            f"dataset folder {path} has no '{split}' files; splits found: {', '.join(found)}; "
+            "pick one with split"
+        )
+    return chosen
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"reading Hugging Face datasets needs the 'datasets' package; run {_HF_EXTRA}"
+        ) from None
+    return datasets
+
+
+def _read_saved(path: Path, split: str) -> Records:
+    datasets = _import_datasets()
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises many types for a damaged folder
+        raise UserError(
+            f"cannot load the saved dataset in {path} ({_first_line(e)}); save it again "
+            "with Dataset.save_to_disk"
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise UserError(
+                f"saved dataset {path} has no split '{split}'; splits found: "
+                f"{', '.join(loaded)}; pick one with split"
+            )
+        loaded = loaded[split]
+    elif split != "train":
+        raise UserError(
+            f"saved dataset {path} is a single split, asked for '{split}'; use split='train'"
+        )
+    return Records(loaded.to_list(), source=str(path))
+
+
+def _read_hub(name: str, split: str) -> Records:
+    datasets = _import_datasets()
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, missing name, bad split: all fixable by the user
+        raise UserError(
+            f"cannot load dataset '{name}' split '{split}' from the Hugging Face Hub "
+            f"({_first_line(e)}); check the name and split, or point to a local file"
+        ) from None
+    return Records(loaded.to_list(), source=name)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")

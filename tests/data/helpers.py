@@ -1,0 +1,15 @@
+"""Small records and file writers shared by the data tests."""
+
+import json
+from pathlib import Path
+
+ALPACA_RECORDS = [
+    {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Count from 1 to 3.", "input": "", "output": "1 2 3"},
+    {"instruction": "Reverse the order of the words.", "input": "cat dog", "output": "dog cat"},
+]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path

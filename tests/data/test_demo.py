@@ -1,0 +1,67 @@
+"""The demo data shipped in the package: present, small, correct and reproducible."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.data import build_dataset
+from finetune.data.demo import DEMO_DIR, demo_path
+from finetune.data.demo import make_demo_data
+from finetune.errors import UserError
+from finetune.tokenizers import Tokenizer
+
+FILES = ("train.jsonl", "heldout.jsonl", "tokenizer.model")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_demo_files_exist_and_are_small() -> None:
+    assert sum(demo_path(name).stat().st_size for name in FILES) < 1_000_000
+    with pytest.raises(UserError, match="generate it with python -m finetune.data.demo.make_demo_data"):
+        demo_path("missing.jsonl")
+
+
+def test_demo_records_are_disjoint_and_correct() -> None:
+    train, heldout = read_jsonl(demo_path("train.jsonl")), read_jsonl(demo_path("heldout.jsonl"))
+    assert (len(train), len(heldout)) == (3000, 200)
+    keys = {(r["instruction"], r["input"]) for r in train}
+    assert len(keys) == 3000
+    assert not keys & {(r["instruction"], r["input"]) for r in heldout}
+    checked = 0
+    for r in train + heldout:
+        words = r["input"].split()
+        if r["instruction"] == "Add the two numbers.":
+            assert int(r["output"]) == int(words[0]) + int(words[2])
+        elif r["instruction"] == "Reverse the order of the words.":
+            assert r["output"].split() == words[::-1]
+        elif r["instruction"] == "Sort the words alphabetically.":
+            assert r["output"].split() == sorted(words)
+        elif r["instruction"] == "Convert kilometers to meters.":
+            assert r["output"] == f"{int(words[0]) * 1000} m"
+        else:
+            continue
+        checked += 1
+    assert checked > 2000
+
+
+def test_demo_tokenizer_has_512_pieces(sp_tokenizer: Tokenizer) -> None:
+    assert (sp_tokenizer.vocab_size, sp_tokenizer.bos_id, sp_tokenizer.eos_id) == (512, 1, 2)
+    text = "Zürich 12345  naïve"  # unseen characters fall back to bytes
+    assert sp_tokenizer.decode(sp_tokenizer.encode(text)) == text
+
+
+def test_demo_samples_are_short_with_the_plain_template(sp_tokenizer: Tokenizer) -> None:
+    dataset = build_dataset(
+        str(demo_path("train.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
+        max_seq_len=64, template="plain",
+    )
+    assert max(len(dataset[i]["tokens"]) for i in range(len(dataset))) < 48
+
+
+def test_regenerating_gives_identical_files(tmp_path: Path) -> None:
+    make_demo_data.main(["--out", str(tmp_path)])
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (DEMO_DIR / name).read_bytes(), name

@@ -1,0 +1,191 @@
+"""Samples and their shifted loss labels, computed by hand from the tokenizer's encode."""
+
+from pathlib import Path
+
+import pytest
+
+from finetune.data import IGNORE_INDEX, InstructTemplate, build_dataset, register_template
+from finetune.data import reporting
+from finetune.data.labels import shifted_labels, truncate
+from finetune.errors import UserError
+from finetune.tokenizers import Tokenizer
+from tests.data.helpers import ALPACA_RECORDS, write_jsonl
+
+X = IGNORE_INDEX
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nAdd the two numbers.\n\n### Input:\n2 and 3\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nCount from 1 to 3.\n\n### Response:\n"
+)
+
+
+def build(tmp_path: Path, records: list[dict], tokenizer: Tokenizer, **kwargs):  # type: ignore[no-untyped-def]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    kwargs.setdefault("dataset_type", "instruct")
+    kwargs.setdefault("max_seq_len", 512)
+    return build_dataset(str(path), tokenizer=tokenizer, **kwargs)
+
+
+def test_shifted_labels_and_truncate_by_hand() -> None:
+    assert shifted_labels([1, 10, 11, 12, 2], [True, True, False, False, False]) == [X, 11, 12, 2, X]
+    assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 3) == (
+        [1, 10, 2], [True, True, False]
+    )
+
+
+def test_alpaca_sample_trains_only_on_the_response(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    dataset = build(tmp_path, ALPACA_RECORDS[:2], sp_tokenizer)
+    for i, (prompt, response) in enumerate([(ALPACA_PROMPT, "5"), (ALPACA_PROMPT_NO_INPUT, "1 2 3")]):
+        prompt_ids = sp_tokenizer.encode(prompt, add_bos=True, add_eos=False)
+        response_ids = sp_tokenizer.encode(response, add_bos=False, add_eos=True, continuation=True)
+        assert prompt_ids[0] == 1 and response_ids[-1] == 2
+        assert dataset[i] == {
+            "tokens": prompt_ids + response_ids,
+            "labels": [X] * (len(prompt_ids) - 1) + response_ids + [X],
+        }
+
+
+def test_train_on_input_trains_on_the_prompt_too(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    dataset = build(tmp_path, ALPACA_RECORDS[:1], sp_tokenizer, template="plain", train_on_input=True)
+    tokens = sp_tokenizer.encode("Add the two numbers.\n2 and 3\n", add_eos=False)
+    tokens += sp_tokenizer.encode("5", add_bos=False, continuation=True)
+    assert dataset[0] == {"tokens": tokens, "labels": tokens[1:] + [X]}
+
+
+def test_registered_template_is_usable_by_name(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    register_template(InstructTemplate("qa", "Q: {instruction} {input}\nA: ", "Q: {instruction}\nA: "))
+    with pytest.raises(ValueError, match="exists"):
+        register_template(InstructTemplate("qa", "", ""))
+    dataset = build(tmp_path, ALPACA_RECORDS[1:2], sp_tokenizer, template="qa")
+    prompt = sp_tokenizer.encode("Q: Count from 1 to 3.\nA: ", add_eos=False)
+    assert dataset[0]["tokens"][: len(prompt)] == prompt
+
+
+def test_truncation_keeps_eos_and_is_reported_once(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    messages: list[str] = []
+    long = {"instruction": "Add the two numbers.", "input": "", "output": "1 2 3 4 5 6 7 8 9 10 11"}
+    records = [long, ALPACA_RECORDS[0], long]
+    full = sp_tokenizer.encode("Add the two numbers.\n", add_eos=False)
+    full += sp_tokenizer.encode("1 2 3 4 5 6 7 8 9 10 11", add_bos=False, continuation=True)
+    short = sp_tokenizer.encode("Add the two numbers.\n2 and 3\n", add_eos=False)
+    short += sp_tokenizer.encode("5", add_bos=False, continuation=True)
+    assert (len(short), len(full)) == (14, 31)
+    dataset = build(
+        tmp_path, records, sp_tokenizer, template="plain", max_seq_len=16, log=messages.append
+    )
+    assert [len(s["tokens"]) for s in dataset] == [16, 14, 16]
+    assert dataset[0]["tokens"] == full[:15] + [sp_tokenizer.eos_id]
+    assert dataset[0]["labels"][-2:] == [sp_tokenizer.eos_id, X]
+    assert messages == [
+        f"dataset {tmp_path / 'd.jsonl'}: 3 samples, 46 tokens; 2 of 3 samples were longer "
+        "than max_seq_len=16 and were truncated (longest 31 tokens)"
+    ]
+
+
+def test_reports_stay_silent_off_rank_zero(
+    tmp_path: Path, sp_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reporting, "is_rank_zero", lambda: False)
+    messages: list[str] = []
+    build(tmp_path, ALPACA_RECORDS, sp_tokenizer, packed=True, max_seq_len=64, log=messages.append)
+    assert messages == []
+
+
+def llama2_chat_by_hand(tok: Tokenizer) -> tuple[list[int], list[int]]:
+    blocks = [
+        ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nAdd 2 and 3. [/INST]", "5 "),
+        ("[INST] And 4 and 4? [/INST]", "8 "),
+    ]
+    tokens: list[int] = []
+    labels: list[int] = []
+    for prompt, answer in blocks:
+        prompt_ids = tok.encode(prompt, add_bos=True, add_eos=False)
+        answer_ids = tok.encode(answer, add_bos=False, add_eos=True)
+        # </s> is followed by the next block's unlearned <s> (or nothing): no target.
+        labels += [X] * (len(prompt_ids) - 1) + answer_ids + [X]
+        tokens += prompt_ids + answer_ids
+    return tokens, labels
+
+
+CHAT = [
+    ("system", "Be brief."),
+    ("user", "Add 2 and 3."),
+    ("assistant", "5"),
+    ("user", "And 4 and 4?"),
+    ("assistant", "8"),
+]
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def test_multi_turn_chat_llama2_labels(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    openai = {"messages": [{"role": r, "content": c} for r, c in CHAT]}
+    sharegpt = {"conversations": [{"from": SHAREGPT_NAMES[r], "value": c} for r, c in CHAT]}
+    dataset = build(tmp_path, [openai, sharegpt], sp_tokenizer, dataset_type="chat")
+    tokens, labels = llama2_chat_by_hand(sp_tokenizer)
+    assert dataset[0] == {"tokens": tokens, "labels": labels}
+    assert dataset[1] == dataset[0]
+
+
+def test_multi_turn_chat_llama3_labels(tmp_path: Path, llama3_tokenizer: Tokenizer) -> None:
+    tok = llama3_tokenizer
+    dataset = build(
+        tmp_path, [{"messages": [{"role": r, "content": c} for r, c in CHAT]}], tok, dataset_type="chat"
+    )
+    special = tok.special_tokens  # type: ignore[attr-defined]
+    eot = special["<|eot_id|>"]
+    tokens, labels = [tok.bos_id], []
+    for role, content in CHAT:
+        header = [special["<|start_header_id|>"], *tok.encode(role, False, False),
+                  special["<|end_header_id|>"], *tok.encode("\n\n", False, False)]
+        body = tok.encode(content, False, False) + [eot]
+        labels += [X] * len(header)
+        labels += body if role == "assistant" else [X] * len(body)
+        tokens += header + body
+    assert dataset[0] == {"tokens": tokens, "labels": labels + [X]}
+    assert tokens[-1] == eot and labels[-1] == eot
+
+
+def test_chat_train_on_input_and_message_weights(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    turns = [{"role": r, "content": c} for r, c in CHAT]
+    dataset = build(tmp_path, [{"messages": turns}], sp_tokenizer, dataset_type="chat", train_on_input=True)
+    tokens, _ = llama2_chat_by_hand(sp_tokenizer)
+    assert dataset[0] == {"tokens": tokens, "labels": tokens[1:] + [X]}
+
+    # weight 0 on the first answer: only the second exchange's answer is learned.
+    turns[2]["weight"] = 0
+    dataset = build(tmp_path, [{"messages": turns}], sp_tokenizer, dataset_type="chat")
+    second_answer = sp_tokenizer.encode("8 ", add_bos=False, add_eos=True)
+    assert [label for label in dataset[0]["labels"] if label != X] == second_answer
+
+
+def test_samples_without_targets_are_skipped(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    silent = {"messages": [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "yo", "weight": 0}]}
+    spoken = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    messages: list[str] = []
+    dataset = build(tmp_path, [silent, spoken], sp_tokenizer, dataset_type="chat", log=messages.append)
+    assert len(dataset) == 1
+    assert messages[0].endswith("; 1 samples with nothing left to learn were skipped")
+    with pytest.raises(UserError, match="has a token to learn from"):
+        build(tmp_path, [silent], sp_tokenizer, dataset_type="chat")
+
+
+def test_text_is_cut_into_chunks(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    text = "Add the two numbers. Reverse the order of the words. Sort the words alphabetically."
+    full = sp_tokenizer.encode(text)
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    dataset = build_dataset(str(path), dataset_type="text", tokenizer=sp_tokenizer, max_seq_len=8)
+    expected = [full[i : i + 8] for i in range(0, len(full), 8)]
+    expected = [chunk for chunk in expected if len(chunk) > 1]
+    assert [s["tokens"] for s in dataset] == expected
+    assert [s["labels"] for s in dataset] == [chunk[1:] + [X] for chunk in expected]
+
+    # A last piece of one token has nothing to predict and is dropped.
+    one_left = build_dataset(str(path), dataset_type="text", tokenizer=sp_tokenizer, max_seq_len=len(full) - 1)
+    assert [s["tokens"] for s in one_left] == [full[:-1]]

@@ -1,0 +1,264 @@
+"""End-to-end tests of the full fine-tune recipe on the tiny model and the shipped demo data:
+loss falls, accumulation equals a big batch, memory features keep gradients, FSDP follows one
+process, resume is bit-exact after SIGKILL, checkpoints load in `transformers`, and the job
+monitor tells the truth."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.params import FullFinetuneParams
+from finetune.recipes.full_finetune import FullFinetuneRecipe
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {
+    "model": "tiny",
+    "tokenizer_path": "pkg:data/demo/tokenizer.model",
+    "dataset": "pkg:data/demo/train.jsonl",
+    "max_seq_len": 64,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "device": "cpu",
+    "dtype": "fp32",
+    "heartbeat_interval_s": 0.2,
+}
+
+
+def params(tmp_path: Path, **overrides) -> FullFinetuneParams:
+    return FullFinetuneParams(**{**BASE, "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def as_argv(**values) -> list[str]:
+    return [f"{k}={v}" for k, v in {**BASE, **values}.items()]
+
+
+def tune(*argv: str, wait: bool = True, **popen):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "finetune.cli", *argv]
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(output_dir) if "loss" in m]
+
+
+def weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(step_dir / "model.safetensors"))
+
+
+def run_in_process(p: FullFinetuneParams) -> FullFinetuneRecipe:
+    recipe = FullFinetuneRecipe(p)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return recipe
+
+
+def test_loss_falls_and_outputs_are_written(tmp_path):
+    p = params(tmp_path, max_steps_per_epoch=25, batch_size=8)
+    run_in_process(p)
+    losses = train_losses(tmp_path / "out")
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    step_dir = tmp_path / "out" / "step_25"
+    for name in ("model.safetensors", "config.json", "tokenizer.model", "params.yaml", "recipe_state.pt"):
+        assert (step_dir / name).is_file(), name
+    assert FullFinetuneParams.from_yaml(step_dir / "params.yaml") == p
+    record = metrics(tmp_path / "out")[-1]
+    assert record["tokens_per_second"] > 0 and record["grad_norm"] > 0 and record["peak_memory_gb"] > 0
+
+
+def gradients(recipe: FullFinetuneRecipe, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = recipe.accumulate_gradients(micro_batches)
+    grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters()}
+    recipe.optimizer.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def first_samples(recipe: FullFinetuneRecipe, n: int) -> list[dict]:
+    dataset = recipe.train_loader.dataset
+    # Samples of different lengths, so padding differs between the two batchings.
+    return [dataset[i] for i in range(n)]
+
+
+def collate(recipe, samples):
+    from finetune.data import collate as pad
+
+    return pad(samples, pad_id=recipe.tokenizer.pad_id)
+
+
+def test_accumulation_k_micro_batches_equal_one_big_batch(tmp_path):
+    recipe = FullFinetuneRecipe(params(tmp_path))
+    recipe.setup()
+    samples = first_samples(recipe, 8)
+    big_loss, big = gradients(recipe, [collate(recipe, samples)])
+    micro = [collate(recipe, samples[i : i + 2]) for i in range(0, 8, 2)]
+    acc_loss, acc = gradients(recipe, micro)
+    recipe.cleanup()
+    assert acc_loss == pytest.approx(big_loss, abs=1e-5)
+    for name in big:
+        torch.testing.assert_close(acc[name], big[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("feature", ["enable_activation_checkpointing", "enable_activation_offloading"])
+def test_memory_features_keep_gradients(tmp_path, feature):
+    plain = FullFinetuneRecipe(params(tmp_path / "a"))
+    plain.setup()
+    batch = collate(plain, first_samples(plain, 4))
+    loss, expected = gradients(plain, [batch])
+    featured = FullFinetuneRecipe(params(tmp_path / "b", **{feature: True}))
+    featured.setup()
+    loss_featured, got = gradients(featured, [batch])
+    assert loss_featured == pytest.approx(loss, abs=1e-6)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_output_loads_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    recipe = run_in_process(params(tmp_path, max_steps_per_epoch=2))
+    step_dir = tmp_path / "out" / "step_2"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(step_dir, dtype=torch.float32).eval()
+    tokens = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = recipe.model.eval()(tokens)
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_status_goes_starting_running_done(tmp_path, monkeypatch):
+    from finetune.training import monitor
+
+    seen: list[str] = []
+    original = monitor.JobMonitor._write
+
+    def record(self):
+        if not seen or seen[-1] != self._status["state"]:
+            seen.append(self._status["state"])
+        original(self)
+
+    monkeypatch.setattr(monitor.JobMonitor, "_write", record)
+    assert main(["finetune_llm", *as_argv(output_dir=tmp_path / "out", max_steps_per_epoch=2, save_every_n_steps=1)]) == 0
+    assert seen[0] == "starting" and seen[-1] == "done"
+    assert seen.count("checkpointing") == 2 and "running" in seen
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 2
+    assert status["last_checkpoint"] == str(tmp_path / "out" / "step_2")
+
+
+def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    original = FullFinetuneRecipe.accumulate_gradients
+
+    def poisoned(self, micro_batches):
+        loss = original(self, micro_batches)
+        return math.nan if self.global_step == 2 else loss
+
+    monkeypatch.setattr(FullFinetuneRecipe, "accumulate_gradients", poisoned)
+    out = tmp_path / "out"
+    code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=5, save_every_n_steps=2)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: loss is nan at step 3") and str(out / "step_2") in err
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "failed" and "step 3" in status["error"]
+    assert status["last_checkpoint"] == str(out / "step_2")
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared: {process.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.02)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
+    launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    run = as_argv(max_steps_per_epoch=4, epochs=2, save_every_n_steps=2, batch_size=2, lr=3e-3)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    result = tune(*launcher, "finetune_llm", *run, f"output_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    process = tune(*launcher, "finetune_llm", *run, f"output_dir={interrupted}", wait=False, start_new_session=True)
+    wait_for(interrupted / "step_4", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "step_8").exists(), "the run finished before it was killed"
+    result = tune(*launcher, "finetune_llm", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(reference / "step_8", interrupted / "step_8")
+    assert train_losses(reference)[-1] == train_losses(interrupted)[-1]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process(tmp_path):
+    run = as_argv(max_steps_per_epoch=4, lr=3e-3)
+    one = tune("finetune_llm", *run, "batch_size=4", f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tune("--nproc_per_node", "2", "finetune_llm", *run, "batch_size=2", f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), strict=True):
+        assert abs(a - b) <= 1e-4
+    wa, wb = weights(tmp_path / "one" / "step_4"), weights(tmp_path / "two" / "step_4")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tmp_path):
+    run = [*as_argv(max_steps_per_epoch=2, batch_size=2), f"output_dir={tmp_path / 'out'}"]
+    port = 29500 + os.getpid() % 1000
+    nodes = [
+        tune("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "finetune_llm", *run, wait=False)
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=600)
+        assert node.returncode == 0, stderr[-3000:]
+    assert (tmp_path / "out" / "step_2" / "model.safetensors").is_file()
+    assert len(train_losses(tmp_path / "out")) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    process = tune("finetune_llm", *as_argv(max_steps_per_epoch=400, batch_size=2), f"output_dir={out}", wait=False)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 2:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    saved = list(out.glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "model.safetensors").is_file()
+    assert json.loads((out / "status.json").read_text())["last_checkpoint"] == str(saved[0])
