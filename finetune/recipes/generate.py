@@ -1,0 +1,308 @@
+"""Generate text with a Llama-family model: one prompt, or a file of prompts in batches.
+
+Read it top to bottom: `setup` reads the architecture, the tokenizer and the prompts (so a bad
+prompt fails before gigabytes of weights are read), then loads the checkpoint in any supported
+format and an optional PEFT LoRA adapter on top. `generate` runs batched, KV-cached decoding
+from `finetune.models.generation`, streams the text of a lone prompt as it is produced, stops
+each response at a stop token or stop string, and reports tokens/s and time to first token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+import torch
+
+from finetune.checkpointing import load_model, read_model_args
+from finetune.checkpointing.peft import apply_lora_settings, load_peft_adapter
+from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.data.templates import get_template
+from finetune.errors import UserError
+from finetune.models import ModelArgs, model_args, num_params
+from finetune.models.generation import TextStream, generate
+from finetune.models.lora import apply_lora, load_adapter_state_dict
+from finetune.params import GenerateParams, resolve_path
+from finetune.tokenizers import Message, Tokenizer, load_tokenizer
+from finetune.training.distributed import resolve_device
+from finetune.training.precision import resolve_dtype
+
+PARAMS_CLASS = GenerateParams
+
+
+@dataclass
+class Prompt:
+    """One prompt as given, where it came from, and the token ids the model sees."""
+
+    instruction: str
+    input: str
+    where: str  # for messages: "" for the prompt param, or "line 3 of prompts.txt"
+    reference: Optional[str] = None  # the record's expected output, copied to output_file
+    tokens: Optional[list[int]] = None
+
+
+class GenerateRecipe:
+    """Load a model (plus adapter) and continue prompts with it."""
+
+    def __init__(self, params: GenerateParams) -> None:
+        self.params = params
+        self.output: Optional[TextIO] = None
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        p = self.params
+        self.device = resolve_device(p.device)
+        self.dtype = resolve_dtype(self._dtype_name(), self.device)
+        checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
+        self.model_args = self._model_args(checkpoint_dir)
+        self.tokenizer = self._load_tokenizer(resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir)
+        self.template = None if p.chat or p.template == "none" else get_template(p.template)
+        self.log(f"prompt format: {self._describe_format()}")
+        self.prompts = self._read_prompts()
+        for prompt in self.prompts:
+            prompt.tokens = self._tokenize(prompt)
+            self._check_length(prompt)
+
+        if p.output_file is not None:
+            self.output = self._open_output(Path(p.output_file))
+
+        # The adapter is checked against the architecture before any base weight is read.
+        adapter = load_peft_adapter(resolve_path(p.adapter_dir), self.model_args) if p.adapter_dir else None
+        self.model, _ = load_model(
+            checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
+        )
+        if adapter is not None:
+            self._apply_adapter(*adapter)
+        self.model.eval()
+        args = self.model_args
+        self.log(
+            f"model from {checkpoint_dir}: {num_params(self.model):,} parameters ({args.n_layers} layers, dim {args.dim}) "
+            f"on {self.device} in {self.dtype}; context {args.max_seq_len} tokens"
+        )
+
+    def _dtype_name(self) -> str:
+        if self.params.dtype != "auto":
+            return self.params.dtype
+        # bf16 matmuls are emulated and many times slower on CPUs.
+        return "bf16" if self.device.type == "cuda" else "fp32"
+
+    def _model_args(self, checkpoint_dir: Path) -> ModelArgs:
+        if self.params.model == "auto":
+            return read_model_args(checkpoint_dir, self.params.checkpoint_format)
+        if not checkpoint_dir.exists():
+            raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; check checkpoint_dir")
+        return model_args(self.params.model)
+
+    def _load_tokenizer(self, path: Path) -> Tokenizer:
+        # A checkpoint's family is inferred from its vocabulary size, and only a 128k vocabulary
+        # pins it down; small custom models may pair with either tokenizer kind. Any tokenizer
+        # must fit the model's vocabulary, though.
+        family = self.model_args.family if self.model_args.family == "llama3" else None
+        tokenizer = load_tokenizer(path, family=family)
+        if tokenizer.vocab_size > self.model_args.vocab_size:
+            raise UserError(
+                f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_args.vocab_size}; "
+                "use the tokenizer that ships with the checkpoint"
+            )
+        return tokenizer
+
+    def _apply_adapter(self, adapter: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Wrap the adapted linears in LoRA modules holding the adapter's weights (kept unmerged,
+        so the base weights stay exactly as loaded)."""
+        apply_lora(self.model, **apply_lora_settings(config))
+        load_adapter_state_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in adapter.items()}, strict=False)
+        self.log(f"adapter {self.params.adapter_dir}: LoRA rank {config['r']} on {', '.join(config['target_modules'])}")
+
+    def _describe_format(self) -> str:
+        if self.params.chat:
+            return f"{self.tokenizer.family} chat format" + (" with a system prompt" if self.params.system_prompt else "")
+        return f"template {self.template.name}" if self.template else "none (raw text)"
+
+    def _read_prompts(self) -> list[Prompt]:
+        p = self.params
+        if p.prompt is not None:
+            return [Prompt(p.prompt, "", "")]
+        path = resolve_path(p.prompt_file)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise UserError(f"prompt_file {path} does not exist; check the path")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"prompt_file {path} is not UTF-8 text; save it as UTF-8") from None
+        reader = _record_prompt if path.suffix == ".jsonl" else _line_prompt
+        prompts = [reader(line, f"line {n} of {path}") for n, line in enumerate(lines, 1) if line.strip()]
+        if not prompts:
+            raise UserError(f"prompt_file {path} holds no prompts; write one prompt per line")
+        return prompts
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        text = f"{prompt.instruction}\n\n{prompt.input}" if prompt.input else prompt.instruction
+        if self.params.chat:
+            messages = [Message("system", self.params.system_prompt)] if self.params.system_prompt else []
+            # An empty, open assistant turn ends the prompt where the answer begins.
+            messages += [Message("user", text), Message("assistant", "")]
+            return self.tokenizer.tokenize_messages(messages, add_eos=False)[0]
+        if self.template is not None:
+            text = self.template.format(prompt.instruction, prompt.input)
+        return self.tokenizer.encode(text, add_bos=True, add_eos=False)
+
+    def _check_length(self, prompt: Prompt) -> None:
+        n, budget, context = len(prompt.tokens or []), self.params.max_new_tokens, self.model_args.max_seq_len
+        if n + budget > context:
+            raise UserError(
+                f"the prompt{f' at {prompt.where}' if prompt.where else ''} has {n} tokens and max_new_tokens={budget}: {n + budget} in all, more "
+                f"than the model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _open_output(self, path: Path) -> TextIO:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path.open("w", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write output_file {path}: {exc.strerror}; choose another path") from None
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
+
+    def generate(self) -> list[dict[str, Any]]:
+        """Generate for every prompt, `batch_size` at a time; returns one result per prompt."""
+        p = self.params
+        results: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        for start in range(0, len(self.prompts), p.batch_size):
+            # Seeds differ per batch, so a file's batches do not all draw the same random numbers.
+            seed = None if p.seed is None else p.seed + start
+            results += self._generate_batch(self.prompts[start : start + p.batch_size], start, seed)
+        if len(self.prompts) > 1:
+            total = sum(r["generated_tokens"] for r in results)
+            elapsed = time.perf_counter() - started
+            self.log(f"{len(results)} prompts: {total} tokens in {elapsed:.2f} s ({total / elapsed:.1f} tokens/s)")
+        return results
+
+    def _generate_batch(self, batch: Sequence[Prompt], first: int, seed: Optional[int]) -> list[dict[str, Any]]:
+        p = self.params
+        streams = [TextStream(self.tokenizer.decode, p.stop_strings) for _ in batch]
+        # A lone prompt streams its text as it comes; a batch prints whole responses at the end.
+        live = len(batch) == 1
+        if live:
+            self._print_prompt(batch[0], first)
+        first_token_at: Optional[float] = None
+
+        def on_token(row: int, token: int) -> bool:
+            nonlocal first_token_at
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            text = streams[row].push(token)
+            if live and text:
+                print(text, end="", flush=True)
+            return streams[row].stopped
+
+        started = time.perf_counter()
+        outputs = generate(
+            self.model, [prompt.tokens or [] for prompt in batch], max_new_tokens=p.max_new_tokens,
+            stop_tokens=self.tokenizer.stop_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            seed=seed, pad_id=self.tokenizer.pad_id, on_token=on_token,
+        )
+        elapsed = time.perf_counter() - started
+        if live:
+            print(streams[0].flush(), flush=True)
+        results = []
+        for row, (prompt, tokens, stream) in enumerate(zip(batch, outputs, streams)):
+            stream.flush()
+            if not live:
+                self._print_prompt(prompt, first + row)
+                print(stream.text, flush=True)
+            results.append(self._result(prompt, tokens, stream))
+        generated = sum(len(t) for t in outputs)
+        ttft = (first_token_at or started) - started
+        which = f"prompt {first + 1}" if live else f"prompts {first + 1}-{first + len(batch)}"
+        self.log(
+            f"{which}: {generated} tokens in {elapsed:.2f} s ({generated / elapsed:.1f} tokens/s), "
+            f"time to first token {ttft:.3f} s"
+        )
+        if self.output is not None:
+            for result in results:
+                self.output.write(json.dumps(result, ensure_ascii=False) + "\n")
+            self.output.flush()
+        return results
+
+    def _print_prompt(self, prompt: Prompt, index: int) -> None:
+        shown = self.tokenizer.decode(prompt.tokens or [], skip_special_tokens=False)
+        print(f"=== prompt {index + 1} of {len(self.prompts)} ===\n{shown}\n=== response ===", flush=True)
+
+    def _result(self, prompt: Prompt, tokens: list[int], stream: TextStream) -> dict[str, Any]:
+        if tokens and tokens[-1] in self.tokenizer.stop_tokens:
+            reason = "stop_token"
+        elif stream.stopped:
+            reason = "stop_string"
+        else:
+            reason = "max_new_tokens"
+        result: dict[str, Any] = {
+            "instruction": prompt.instruction,
+            "input": prompt.input,
+            "response": stream.text,
+            "stop_reason": reason,
+            "prompt_tokens": len(prompt.tokens or []),
+            "generated_tokens": len(tokens),
+        }
+        if prompt.reference is not None:
+            result["reference"] = prompt.reference
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # The end
+    # ------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        if self.output is not None:
+            self.output.close()
+            self.output = None
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _line_prompt(line: str, where: str) -> Prompt:
+    return Prompt(line.strip(), "", where)
+
+
+def _record_prompt(line: str, where: str) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"invalid JSON at {where}: {exc.msg}; write one JSON object per line") from None
+    if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+        raise UserError(
+            f"{where} has no 'instruction' text; each record needs instruction (and optionally input), "
+            'e.g. {"instruction": "Add the numbers.", "input": "2 and 3"}'
+        )
+    input_text = record.get("input") or ""
+    if not isinstance(input_text, str):
+        raise UserError(f"'input' at {where} is {type(input_text).__name__}, not text; make it a string")
+    reference = record.get("output")
+    return Prompt(record["instruction"], input_text, where, reference if isinstance(reference, str) else None)
+
+
+def _main(argv: Sequence[str]) -> int:
+    params = TuneArgumentParser(PARAMS_CLASS, prog="tune generate").parse_args(argv)
+    recipe = GenerateRecipe(params)
+    try:
+        recipe.setup()
+        recipe.generate()
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+main = recipe_entry_point(_main)
+
+if __name__ == "__main__":
+    sys.exit(main())
