@@ -274,3 +274,62 @@ class LoraFinetuneParams(FullFinetuneParams):
             bool(self.lora_attn_modules) or self.apply_lora_to_mlp or self.apply_lora_to_output,
             "no module gets an adapter: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output",
         )
+
+
+@dataclass
+class GenerateParams(ParamsIO):
+    """Generate text from a checkpoint (optionally with a LoRA adapter), one prompt or a file of them."""
+
+    # Model and files
+    model: str = param("auto", MODEL_HELP)
+    checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
+    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
+    # Prompts
+    prompt: Optional[str] = param(None, "the text to continue (or set prompt_file)")
+    prompt_file: Optional[str] = param(None, "one prompt per line, or a .jsonl of instruction/input records")
+    chat: bool = param(False, "send each prompt as a user message in the tokenizer's chat format")
+    system_prompt: Optional[str] = param(None, "system message for chat=true")
+    template: str = param("alpaca", "instruct template for non-chat prompts (alpaca, plain, ...) or none = raw text")
+    # Sampling
+    max_new_tokens: int = param(256, "generate at most this many tokens per prompt")
+    temperature: float = param(0.0, "0 = greedy; higher = more random")
+    top_k: Optional[int] = param(None, "sample only from the k most likely tokens; none = all")
+    top_p: Optional[float] = param(None, "sample only from the smallest set with this much probability; none = all")
+    seed: Optional[int] = param(42, "sampling seed: same seed, same text; none = different every run")
+    stop_strings: list[str] = param([], "also stop a response where one of these strings appears")
+    # Hardware and output
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    batch_size: int = param(8, "prompts generated together (left-padded); 1 prompt streams its text")
+    output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl")
+
+    def __post_init__(self) -> None:
+        from finetune.data.templates import get_template
+        from finetune.models import MODEL_NAMES
+
+        _check_field_types(self)
+        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _require(
+            (self.prompt is None) != (self.prompt_file is None),
+            "set exactly one of prompt and prompt_file"
+            + (", not both (to use prompt_file with a config that sets prompt, add prompt=none)"
+               if self.prompt is not None else ", e.g. prompt='Tell me a joke'"),
+        )
+        _require(self.prompt_file is None or bool(self.prompt_file.strip()), "prompt_file must not be empty")
+        _require(
+            self.system_prompt is None or self.chat,
+            "system_prompt is only used in the chat format; set chat=true or remove system_prompt",
+        )
+        if self.template != "none" and not self.chat:
+            get_template(self.template)
+        _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        _require(self.temperature >= 0, f"temperature={self.temperature} must be 0 (greedy) or positive")
+        _require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1 (or none)")
+        _require(
+            self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)"
+        )
+        _require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")

@@ -156,9 +156,10 @@ class GenerateRecipe:
     def _check_length(self, prompt: Prompt) -> None:
         n, budget, context = len(prompt.tokens or []), self.params.max_new_tokens, self.model_args.max_seq_len
         if n + budget > context:
+            which = f"the prompt at {prompt.where}" if prompt.where else "the prompt"
             raise UserError(
-                f"the prompt{f' at {prompt.where}' if prompt.where else ''} has {n} tokens and max_new_tokens={budget}: {n + budget} in all, more "
-                f"than the model's context of {context} tokens; shorten the prompt or lower max_new_tokens"
+                f"{which} has {n} tokens and max_new_tokens={budget}: {n + budget} in all, more than the model's "
+                f"context of {context} tokens; shorten the prompt or lower max_new_tokens"
             )
 
     def _open_output(self, path: Path) -> TextIO:

@@ -1,0 +1,126 @@
+"""What a run needs beyond the weights to resume exactly: optimizer, scheduler, progress, RNG.
+
+The recipe state is one `torch.save`d dict (loaded back with `weights_only=True`) holding:
+`format_version`, `optimizer` (full state dict keyed by parameter name), `lr_scheduler`,
+`step`, `epoch`, `sampler` (position in the data order), `rng` (one entry per rank) and anything
+else the recipe adds. RNG states are plain Python values and tensors so that they too load
+under `weights_only`.
+"""
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RECIPE_STATE_VERSION = 1
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional
+    np = None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's random generators: Python, NumPy (if installed), torch CPU and CUDA."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if np is not None:
+        kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    numpy_state = state.get("numpy")
+    if np is not None and numpy_state is not None:
+        keys = numpy_state["keys"].numpy().astype(np.uint32)
+        np.random.set_state(
+            (
+                numpy_state["kind"],
+                keys,
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        count = min(len(cuda_states), torch.cuda.device_count())
+        for device in range(count):
+            torch.cuda.set_rng_state(cuda_states[device], device)
+
+
+def gather_rng_states(world_size: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, indexed by rank (collective; the result is the same on all ranks)."""
+    mine = capture_rng_state()
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def rng_state_for_rank(states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """This rank's saved RNG state. A run resumed on a different number of ranks cannot
+    replay randomness exactly; it then reuses the saved states round-robin and says so."""
+    if rank < len(states) and len(states) > 0:
+        return states[rank]
+    if not states:
+        raise UserError("the recipe state holds no RNG states; resume from a checkpoint this library wrote")
+    log.warning(
+        "checkpoint holds RNG states for %d ranks but this is rank %d; random draws will differ from "
+        "an uninterrupted run",
+        len(states),
+        rank,
+    )
+    return states[rank % len(states)]
+
+
+def save_recipe_state(path: Path | str, state: dict[str, Any]) -> None:
+    """Write `state` (plus `format_version`) to `path`, replacing any old file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({**state, "format_version": RECIPE_STATE_VERSION}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_recipe_state(path: Path | str) -> dict[str, Any]:
+    """Read a state written by `save_recipe_state`, on CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe state file {path} does not exist; resume from a complete checkpoint directory")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read recipe state {path} ({reason}); resume from another checkpoint") from None
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version != RECIPE_STATE_VERSION:
+        raise UserError(
+            f"recipe state {path} has format version {version}, this library reads {RECIPE_STATE_VERSION}; "
+            "resume with the finetune version that wrote it"
+        )
+    return state

@@ -1,0 +1,179 @@
+"""Writing a state dict (our names) as a Hugging Face or a Meta checkpoint directory.
+
+Writes here are plain file writes; callers that need all-or-nothing directories wrap them
+with the atomic-directory helper.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from finetune.checkpointing.formats import SAFETENSORS_INDEX
+from finetune.checkpointing.key_mapping import is_rotary_projection, rotate_half_to_meta, to_hf_name, to_meta_name
+from finetune.checkpointing.model_configs import HF_CONFIG, META_PARAMS, hf_config_from_model_args, meta_params_from_model_args
+from finetune.checkpointing.safetensors_io import save_safetensors
+from finetune.checkpointing.torch_files import owned_tensor
+from finetune.errors import UserError
+from finetune.models import ModelArgs
+
+PathLike = Union[str, os.PathLike]
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _checkpoint_tensors(state_dict: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The state dict minus the tied output layer (saved once, as the embeddings)."""
+    tensors = dict(state_dict)
+    if args.tie_embeddings:
+        tensors.pop("output.weight", None)
+    return tensors
+
+
+def _renamed(tensors: Mapping[str, torch.Tensor], rename, format_name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in tensors.items():
+        theirs = rename(name)
+        if theirs is None:
+            raise ValueError(f"state dict entry {name!r} has no {format_name} name; is it a TransformerDecoder state dict?")
+        out[theirs] = tensor
+    return out
+
+
+def _stored_dtype(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    return tensor.to(_stored_dtype(tensor, dtype))
+
+
+class _LazyCast(Mapping):
+    """The named tensors, each cast only when read, so one converted tensor exists at a time."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], names: Sequence[str], dtype: Optional[torch.dtype]) -> None:
+        self.tensors, self.names, self.dtype = tensors, list(names), dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _cast(self.tensors[name], self.dtype)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split in name order; a tensor bigger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * _stored_dtype(tensor, dtype).itemsize
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def save_hf_checkpoint(
+    state_dict: Mapping[str, torch.Tensor],
+    args: ModelArgs,
+    out_dir: PathLike,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer_files: Sequence[PathLike] = (),
+    bos_token_id: Optional[int] = None,
+    eos_token_id: Optional[Union[int, list[int]]] = None,
+) -> list[Path]:
+    """Write model.safetensors (or model-0000k-of-0000n shards + index), config.json,
+    generation_config.json when bos/eos are known, and copies of `tokenizer_files`.
+
+    dtype=None keeps the state dict's dtype. Returns the files written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _renamed(_checkpoint_tensors(state_dict, args), to_hf_name, "Hugging Face")
+    shards = _shards(tensors, dtype, max_shard_bytes)
+    written = []
+    if len(shards) == 1:
+        path = out / "model.safetensors"
+        save_safetensors(_LazyCast(tensors, shards[0], dtype), path)
+        written.append(path)
+    else:
+        weight_map = {}
+        for index, names in enumerate(shards, start=1):
+            path = out / f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+            save_safetensors(_LazyCast(tensors, names, dtype), path)
+            weight_map.update({name: path.name for name in names})
+            written.append(path)
+        total = sum(t.numel() * _stored_dtype(t, dtype).itemsize for t in tensors.values())
+        index_path = out / SAFETENSORS_INDEX
+        _write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written.append(index_path)
+    stored_dtype = dtype if dtype is not None else next(
+        (t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32
+    )
+    config = hf_config_from_model_args(args, stored_dtype, bos_token_id, eos_token_id)
+    written.append(_write_json(out / HF_CONFIG, config))
+    if bos_token_id is not None or eos_token_id is not None:
+        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        written.append(_write_json(out / "generation_config.json", generation))
+    written += copy_tokenizer_files(tokenizer_files, out)
+    return written
+
+
+def _write_json(path: Path, values: dict) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(values, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def copy_tokenizer_files(files: Sequence[PathLike], out_dir: Path) -> list[Path]:
+    copied = []
+    for file in files:
+        source = Path(file)
+        if not source.is_file():
+            raise UserError(f"tokenizer file {source} does not exist; check the tokenizer path")
+        target = out_dir / source.name
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
+def save_meta_checkpoint(
+    state_dict: Mapping[str, torch.Tensor], args: ModelArgs, out_dir: PathLike, *, dtype: Optional[torch.dtype] = None
+) -> list[Path]:
+    """Write consolidated.00.pth + params.json, loadable by Meta's reference code.
+
+    A tied model still gets an `output.weight` (a copy of the embeddings), as Meta's code expects one.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if args.tie_embeddings and name == "output.weight":
+            continue
+        tensor = _cast(tensor.detach(), dtype).to("cpu")
+        if is_rotary_projection(name):
+            n_heads = args.n_heads if "q_proj" in name else args.n_kv_heads
+            tensor = rotate_half_to_meta(tensor, n_heads)
+        theirs = to_meta_name(name)
+        if theirs is None:
+            raise ValueError(f"state dict entry {name!r} has no Meta name; is it a TransformerDecoder state dict?")
+        tensors[theirs] = owned_tensor(tensor)  # torch.save would write a view's whole storage
+    if args.tie_embeddings:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"].clone()
+    weights_path = out / "consolidated.00.pth"
+    torch.save(tensors, weights_path)
+    params_path = _write_json(out / META_PARAMS, meta_params_from_model_args(args))
+    return [weights_path, params_path]

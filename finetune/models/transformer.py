@@ -1,0 +1,293 @@
+"""A Llama-family decoder: RMSNorm, grouped-query attention with rotary embeddings and an
+optional KV cache, and a SwiGLU MLP.
+
+Submodule names are part of the contract: checkpoint key mapping, LoRA and FSDP wrapping
+address modules by these names, and LoRA swaps the `nn.Linear` children for its own modules,
+which is why the linears are always called, never used through their `.weight`.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.models.args import ModelArgs
+from finetune.models.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions, [batch, n_kv_heads, max_seq_len, head_dim].
+
+    The buffers are non-persistent so caches never leak into checkpoints.
+    """
+
+    def __init__(
+        self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: Optional[torch.device],
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [b, n_kv, s, hd] at cache positions `input_pos` [s]; return the whole cache."""
+        batch = k.shape[0]
+        if batch > self.k_cache.shape[0]:
+            raise ValueError(f"batch of {batch} exceeds the cache's batch size {self.k_cache.shape[0]}")
+        self.k_cache[:batch, :, input_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[:batch, :, input_pos] = v.to(self.v_cache.dtype)
+        return self.k_cache[:batch], self.v_cache[:batch]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, through SDPA."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.output_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x [b, s, dim]; mask [b, s, kv_len] bool (True = may attend) or None for plain causal."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.output_proj(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1(x)) * w3(x)); w1 is the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: x + attn(sa_norm(x)), then + mlp(mlp_norm(x))."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.sa_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> [b, s, s] bool: attend to earlier-or-same positions of the same document."""
+    seq_len = document_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return causal[None] & same_document
+
+
+def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] document ids -> positions counted from the start of each document (a new document
+    starts wherever the id changes)."""
+    batch, seq_len = document_ids.shape
+    index = torch.arange(seq_len, device=document_ids.device).expand(batch, seq_len)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+class TransformerDecoder(nn.Module):
+    """Token embeddings, `n_layers` TransformerLayers, a final RMSNorm and the output projection.
+
+    With tied embeddings (Llama 3.2) `output.weight` is the very Parameter `tok_embeddings.weight`;
+    call `tie_weights()` again after anything that replaces parameters (`to_empty`, assign-loads).
+    """
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        # Passing the weight skips nn.Embedding's own N(0, 1) init: reset_parameters() sets ours,
+        # and on the meta device an init op would pull in heavy tracing machinery for nothing.
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        self.layers = nn.ModuleList(TransformerLayer(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        self.tie_weights()
+        self.reset_parameters()
+
+    # ----- parameters and buffers -----
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Random init: N(0, std) for embeddings and linears, ones for norms, so that a fresh model
+        starts near uniform predictions. Skipped on the meta device, where there is nothing to fill."""
+        if self.tok_embeddings.weight.is_meta:
+            return
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_rope(self, device: Optional[torch.device] = None) -> None:
+        """Recompute the rotary buffer, e.g. after a meta-device build; defaults to the embedding's device."""
+        self.rope.reset_parameters(device if device is not None else self.tok_embeddings.weight.device)
+
+    # ----- KV cache -----
+
+    def setup_caches(
+        self, batch_size: int, max_seq_len: int,
+        dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+    ) -> None:
+        """Allocate a KV cache per layer; then every forward must pass `input_pos`."""
+        weight = self.tok_embeddings.weight
+        dtype = dtype if dtype is not None else weight.dtype
+        device = device if device is not None else weight.device
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+
+    def caches_are_enabled(self) -> bool:
+        return self.layers[0].attn.kv_cache is not None
+
+    def reset_caches(self) -> None:
+        if not self.caches_are_enabled():
+            raise RuntimeError("reset_caches() called before setup_caches()")
+        for layer in self.layers:
+            layer.attn.kv_cache.reset()
+
+    def remove_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    # ----- forward -----
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab], or the final normed hidden states [b, s, dim].
+
+        position_ids [b, s]: rotary positions (default: 0..s-1, restarting per document when
+            `document_ids` is given, or `input_pos` with a cache).
+        document_ids [b, s]: packed rows; tokens attend only to earlier tokens of their document.
+        mask [b, s, kv_len] bool, True = may attend: replaces the causal/document mask entirely;
+            with a cache kv_len is the cache length.
+        input_pos [s]: cache positions written by this call (required when caches are enabled).
+        """
+        batch, seq_len = tokens.shape
+        mask, position_ids = self._mask_and_positions(tokens, position_ids, document_ids, mask, input_pos)
+        h = self.tok_embeddings(tokens)
+        rope = self.rope(position_ids, h.dtype)
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos)
+        h = self.norm(h)
+        return h if return_hidden else self.output(h)
+
+    def _mask_and_positions(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        document_ids: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        input_pos: Optional[torch.Tensor],
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        batch, seq_len = tokens.shape
+        device = tokens.device
+        if self.caches_are_enabled():
+            if input_pos is None:
+                raise ValueError("input_pos is required when KV caches are enabled")
+            if document_ids is not None:
+                raise ValueError("document_ids (packed rows) cannot be combined with a KV cache")
+            if position_ids is None:
+                position_ids = input_pos[None].expand(batch, seq_len)
+            if mask is None:
+                cache_len = self.layers[0].attn.kv_cache.max_seq_len
+                cache_positions = torch.arange(cache_len, device=device)
+                mask = (cache_positions[None, :] <= input_pos[:, None])[None].expand(batch, seq_len, cache_len)
+            return mask, position_ids
+        if input_pos is not None and position_ids is None:
+            position_ids = input_pos[None].expand(batch, seq_len)
+        if document_ids is not None:
+            if position_ids is None:
+                position_ids = positions_within_documents(document_ids)
+            if mask is None:
+                mask = document_causal_mask(document_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=device)[None].expand(batch, seq_len)
+        return mask, position_ids

@@ -1,0 +1,62 @@
+"""Cross-entropy over the vocabulary in chunks, and the token count that normalises it.
+
+Logits for a whole batch are the largest activation in LLM fine-tuning (batch x seq x vocab,
+and 128k vocab for Llama 3). `chunked_cross_entropy` takes the final hidden states and the
+output head and computes logits a chunk of tokens at a time. Each chunk is upcast to fp32 only
+inside a checkpointed region, so backward keeps the model-dtype logits and recomputes the fp32
+softmax per chunk: fp32 logits never exist for more than one chunk at once.
+
+Normalisation: the function returns the SUM of per-token losses. A step's loss is that sum over
+all micro-batches and all ranks divided by the number of non-ignored tokens over the same set
+(`count_tokens` summed over micro-batches, then `all_reduce_sum` over ranks), so every token
+weighs the same however padding and masking fall across micro-batches. FSDP averages gradients
+over ranks, so on each rank backpropagate `loss_sum * world_size / global_tokens` (or backprop
+the sums and scale the gradients by that factor once before the optimizer step); the logged
+loss is the all-reduced sum divided by `global_tokens`.
+"""
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _upcast_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    output: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    num_chunks: int = 8,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Sum of cross-entropy over tokens whose label is not `ignore_index` (an fp32 scalar).
+
+    `hidden` is [batch, seq, dim], `output` maps [..., dim] to [..., vocab] (e.g. the model's
+    output head), and `labels` is [batch, seq], already shifted so `labels[b, i]` is the target
+    for position i.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    num_chunks = max(1, min(num_chunks, labels.numel()))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for hidden_chunk, label_chunk in zip(hidden.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
+        logits = output(hidden_chunk)
+        if logits.dtype == torch.float32:
+            total = total + F.cross_entropy(logits, label_chunk, reduction="sum", ignore_index=ignore_index)
+        else:
+            total = total + checkpoint(
+                _upcast_cross_entropy_sum, logits, label_chunk, ignore_index, use_reentrant=False
+            )
+    return total
+
+
+def count_tokens(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Number of labels that count towards the loss, as an int64 tensor on the labels' device."""
+    return (labels != ignore_index).sum()

@@ -1,0 +1,83 @@
+"""Metric loggers: every logger has `log(step, metrics)` and `close()`.
+
+`metrics.jsonl` is always written (one JSON object per line: step, wall time, metrics) and is
+appended to on resume, so a resumed run's file holds the whole history. TensorBoard and
+Weights & Biases are optional extras. Only rank 0 logs.
+"""
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from finetune.errors import UserError
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
+class JsonlLogger:
+    def __init__(self, output_dir: Path | str, filename: str = "metrics.jsonl") -> None:
+        path = Path(output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path / filename
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        # Flush per record: a crashed run keeps every metric logged before the crash.
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardLogger:
+    def __init__(self, output_dir: Path | str, subdir: str = "tensorboard") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(output_dir) / subdir
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self._writer.add_scalar(name, float(value), global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbLogger:
+    def __init__(
+        self, output_dir: Path | str, *, project: str = "finetune", config: Optional[dict[str, Any]] = None
+    ) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError(
+                "metric_logger=wandb needs the wandb package, which is not installed; "
+                "run `pip install wandb` or use metric_logger=tensorboard"
+            ) from None
+        self._wandb = wandb
+        self._run = wandb.init(project=project, dir=str(output_dir), config=config, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self._run.log({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def build_metric_loggers(kind: str, output_dir: Path | str, *, rank: int) -> list:
+    """jsonl always, plus `kind` when it is tensorboard or wandb; an empty list off rank 0."""
+    if kind not in LOGGERS:
+        raise UserError(f"unknown metric_logger {kind!r}; use one of: {', '.join(LOGGERS)}")
+    if rank != 0:
+        return []
+    loggers: list = [JsonlLogger(output_dir)]
+    if kind == "tensorboard":
+        loggers.append(TensorBoardLogger(output_dir))
+    elif kind == "wandb":
+        loggers.append(WandbLogger(output_dir))
+    return loggers

@@ -1,0 +1,157 @@
+"""Parity with transformers' LlamaForCausalLM, in both directions."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.checkpointing import detect_format, load_model, load_state_dict, save_hf_checkpoint
+from finetune.checkpointing.safetensors_io import read_header
+from finetune.models import build_model, model_args
+
+TOLERANCE = 1e-5
+
+
+def _hf_logits(hf_model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(tokens).logits
+
+
+def _random_tokens(vocab_size: int, batch: int = 2, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", ["llama2", "llama3_scaled", "tied", "mqa"])
+def test_loaded_hf_model_matches_transformers(make_hf_model, tmp_path, variant):
+    hf_model = make_hf_model(variant)
+    hf_model.save_pretrained(tmp_path)
+    assert detect_format(tmp_path) == "hf"
+
+    model, args = load_model(tmp_path, "auto")
+    tokens = _random_tokens(args.vocab_size)
+    with torch.no_grad():
+        ours = model(tokens)
+    assert (ours - _hf_logits(hf_model, tokens)).abs().max().item() <= TOLERANCE
+    assert args.n_kv_heads == hf_model.config.num_key_value_heads
+    assert args.tie_embeddings == (variant == "tied")
+    if args.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("variant", ["llama3_scaled", "mqa"])
+def test_kv_cache_decoding_matches_transformers(make_hf_model, tmp_path, variant):
+    hf_model = make_hf_model(variant)
+    hf_model.save_pretrained(tmp_path)
+    model, args = load_model(tmp_path)
+    tokens = _random_tokens(args.vocab_size, seq_len=20)
+    expected = _hf_logits(hf_model, tokens)
+
+    model.setup_caches(batch_size=2, max_seq_len=32)
+    with torch.no_grad():
+        prefill = model(tokens[:, :8], input_pos=torch.arange(8))
+        steps = [model(tokens[:, i : i + 1], input_pos=torch.tensor([i])) for i in range(8, 20)]
+    decoded = torch.cat([prefill] + steps, dim=1)
+    assert (decoded - expected).abs().max().item() <= TOLERANCE
+
+
+def test_sharded_hf_checkpoint_loads(make_hf_model, tmp_path):
+    hf_model = make_hf_model("llama3_scaled")
+    hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+
+    model, args = load_model(tmp_path, "auto")
+    tokens = _random_tokens(args.vocab_size)
+    with torch.no_grad():
+        assert (model(tokens) - _hf_logits(hf_model, tokens)).abs().max().item() <= TOLERANCE
+
+
+def test_pytorch_bin_checkpoint_loads(make_hf_model, tmp_path):
+    hf_model = make_hf_model("llama2")
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    hf_model.config.save_pretrained(tmp_path)
+    state = load_state_dict(tmp_path, "auto")
+    assert torch.equal(state["layers.1.attn.k_proj.weight"], hf_model.model.layers[1].self_attn.k_proj.weight)
+    assert torch.equal(state["output.weight"], hf_model.lm_head.weight)
+
+
+@pytest.mark.parametrize("variant", ["llama3_scaled", "tied"])
+def test_saved_hf_checkpoint_loads_in_transformers(tmp_path, variant, make_hf_model):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    source = make_hf_model(variant, seed=3)
+    source.save_pretrained(tmp_path / "in")
+    model, args = load_model(tmp_path / "in")
+    save_hf_checkpoint(model.state_dict(), args, tmp_path / "out", bos_token_id=1, eos_token_id=2)
+
+    config = AutoConfig.from_pretrained(tmp_path / "out")
+    assert config.rope_parameters == source.config.rope_parameters
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = _random_tokens(args.vocab_size, seed=5)
+    with torch.no_grad():
+        assert (model(tokens) - _hf_logits(reloaded, tokens)).abs().max().item() <= TOLERANCE
+    if variant == "tied":
+        assert "lm_head.weight" not in read_header(tmp_path / "out" / "model.safetensors")[0]
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+
+
+def test_sharded_save_round_trip_and_transformers_load(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    args = model_args("tiny")
+    model = build_model(args)
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"spm")
+    written = save_hf_checkpoint(
+        model.state_dict(), args, tmp_path / "out", max_shard_bytes=2_000_000, tokenizer_files=[tokenizer]
+    )
+    shards = sorted((tmp_path / "out").glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "out" / "tokenizer.model").read_bytes() == b"spm"
+    assert set(shards) <= set(written)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in model.parameters())
+
+    state = load_state_dict(tmp_path / "out", "tiny")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = _random_tokens(args.vocab_size)
+    with torch.no_grad():
+        assert (model(tokens) - _hf_logits(reloaded, tokens)).abs().max().item() <= TOLERANCE
+
+
+def test_save_in_bf16_and_load_back_as_fp32(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    save_hf_checkpoint(model.state_dict(), model.args, tmp_path, dtype=torch.bfloat16)
+    header, _ = read_header(tmp_path / "model.safetensors")
+    assert {entry["dtype"] for entry in header.values()} == {"BF16"}
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert not (tmp_path / "generation_config.json").exists()
+
+    loaded, _ = load_model(tmp_path, "tiny", dtype=torch.float32)
+    weight = loaded.layers[0].attn.q_proj.weight
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, model.layers[0].attn.q_proj.weight.to(torch.bfloat16).float())
+
+    kept, _ = load_model(tmp_path, "tiny", dtype=None)
+    assert kept.layers[0].mlp.w2.weight.dtype == torch.bfloat16
+
+
+def test_legacy_transformers4_config_is_read(tmp_path, make_hf_model):
+    from finetune.models import model_args_from_checkpoint
+
+    make_hf_model("llama3_scaled").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    parameters = config.pop("rope_parameters")
+    config["rope_theta"] = parameters.pop("rope_theta")
+    config["rope_scaling"] = dict(parameters, rope_type="llama3")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    args = model_args_from_checkpoint(tmp_path)
+    assert args.rope_theta == 500_000.0
+    assert args.rope_scaling.factor == 8.0 and args.rope_scaling.original_max_position_embeddings == 16
+    assert (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads) == (64, 112, 2, 4, 2)

@@ -1,0 +1,93 @@
+"""chunked_cross_entropy against F.cross_entropy on full logits: values, grads, memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.training.loss import chunked_cross_entropy, count_tokens
+from tests.training.tiny import TinyDecoder, make_batch
+
+
+def _reference_and_chunked(model: nn.Module, tokens, labels, num_chunks: int):
+    ref_model = model
+    hidden = ref_model(tokens, return_hidden=True)
+    ref = F.cross_entropy(model.output(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    hidden = model(tokens, return_hidden=True)
+    got = chunked_cross_entropy(hidden, model.output, labels, num_chunks=num_chunks)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    return ref, ref_grads, got, got_grads
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 8, 1000])
+@pytest.mark.parametrize("tied", [False, True])
+def test_matches_full_cross_entropy_values_and_grads(num_chunks, tied):
+    torch.manual_seed(0)
+    model = TinyDecoder(tied=tied)
+    tokens, labels = make_batch(1)
+    ref, ref_grads, got, got_grads = _reference_and_chunked(model, tokens, labels, num_chunks)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    assert len(got_grads) == len(ref_grads) == (24 if tied else 25)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_ignored_labels_do_not_count_and_all_ignored_gives_zero():
+    torch.manual_seed(0)
+    output = nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[1] = -100
+    got = chunked_cross_entropy(hidden, output, labels, num_chunks=4)
+    ref = F.cross_entropy(output(hidden[0]), labels[0], reduction="sum")
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    got.backward()
+    assert torch.count_nonzero(hidden.grad[1]) == 0
+    assert count_tokens(labels).item() == 5
+
+    none = chunked_cross_entropy(hidden, output, torch.full((2, 5), -100), num_chunks=3)
+    assert none.item() == 0.0
+
+
+def test_custom_ignore_index():
+    torch.manual_seed(0)
+    output = nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(1, 6, 8)
+    labels = torch.tensor([[1, 2, 0, 0, 3, 4]])
+    got = chunked_cross_entropy(hidden, output, labels, num_chunks=2, ignore_index=0)
+    ref = F.cross_entropy(output(hidden[0]), labels[0], reduction="sum", ignore_index=0)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    assert count_tokens(labels, ignore_index=0).item() == 4
+
+
+def test_bf16_upcasts_per_chunk_and_keeps_no_fp32_logits():
+    torch.manual_seed(0)
+    vocab, n_chunks = 96, 4
+    output = nn.Linear(16, vocab, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(2, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 8))
+    labels[0, :3] = -100
+
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = chunked_cross_entropy(hidden, output, labels, num_chunks=n_chunks)
+    got.backward()
+    # Backward keeps only bf16 logits; fp32 vocab-wide tensors exist transiently per chunk.
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape[-1] == vocab]
+    assert any(t.dtype == torch.bfloat16 and t.shape == (4, vocab) for t in saved)
+
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    logits = torch.cat([output(c) for c in ref_hidden.flatten(0, 1).tensor_split(n_chunks)])
+    ref = F.cross_entropy(logits.float(), labels.flatten(), reduction="sum")
+    ref.backward()
+    assert got.dtype == torch.float32
+    # Same per-chunk fp32 math; only the order of summing chunk totals differs.
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=0, atol=0)
+
+
+def test_shape_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="disagree"):
+        chunked_cross_entropy(torch.zeros(2, 3, 4), nn.Linear(4, 5), torch.zeros(2, 4, dtype=torch.long))
