@@ -260,6 +260,7 @@ class LoraFinetuneParams(FullFinetuneParams):
     lora_dropout: float = param(0.0, "dropout on the adapter input")
     use_dora: bool = param(False, "DoRA: learn a magnitude vector beside the LoRA direction")
     quantize_base: bool = param(False, "QLoRA: store frozen base weights as NF4")
+    save_merged_model: bool = param(True, "also write the merged model (HF format) in each checkpoint")
 
     def __post_init__(self) -> None:
         super().__post_init__()

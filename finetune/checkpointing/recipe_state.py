@@ -11,7 +11,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,3 +124,15 @@ def load_recipe_state(path: Path | str) -> dict[str, Any]:
             "resume with the finetune version that wrote it"
         )
     return state
+
+
+def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None]) -> Optional[Path]:
+    """The newest complete `step_<N>` in `output_dir`, or None (said once) on a first start."""
+    from finetune.checkpointing.atomic import latest_checkpoint
+
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
+    else:
+        log(f"resuming from {checkpoint}")
+    return checkpoint

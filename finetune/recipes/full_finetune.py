@@ -13,13 +13,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from finetune.checkpointing.atomic import atomic_directory, latest_checkpoint, prune_checkpoints
+from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
 from finetune.checkpointing.recipe_state import (
+    find_resume_checkpoint,
     gather_rng_states,
     load_recipe_state,
     restore_rng_state,
@@ -27,24 +28,24 @@ from finetune.checkpointing.recipe_state import (
     save_recipe_state,
 )
 from finetune.cli import TuneArgumentParser, recipe_entry_point
-from finetune.data import ResumableDistributedSampler, build_dataloader, build_dataset, collate
-from finetune.errors import UserError
 from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams, resolve_path
+from finetune.recipes import run_recipe
 from finetune.tokenizers import load_tokenizer
-from finetune.training.activations import activation_offloading
-from finetune.training.distributed import all_reduce_sum, barrier, destroy_distributed, init_distributed, resolve_device
+from finetune.tokenizers.loader import resolve_tokenizer_path
+from finetune.training.data_setup import build_data, steps_per_epoch
+from finetune.training.distributed import barrier, destroy_distributed, init_distributed, resolve_device
 from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
 from finetune.training.guards import check_finite_loss, out_of_memory_error
-from finetune.training.loss import chunked_cross_entropy, count_tokens
 from finetune.training.lr_schedule import build_lr_scheduler
 from finetune.training.memory import peak_memory_gb
 from finetune.training.metrics import build_metric_loggers
 from finetune.training.model_setup import initial_state_dict, prepare_model, resolve_model_args
 from finetune.training.monitor import JobMonitor
 from finetune.training.optim import build_optimizer, clip_grad_norm
-from finetune.training.precision import resolve_dtype
+from finetune.training.precision import resolve_run_dtype
 from finetune.training.profiler import build_profiler
+from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, evaluate
 
 PARAMS_CLASS = FullFinetuneParams
 RECIPE_STATE_FILE = "recipe_state.pt"
@@ -71,21 +72,27 @@ class FullFinetuneRecipe:
         self.dist = init_distributed(resolve_device(p.device).type)
         self.rank_zero = self.dist.rank == 0
         self.device = resolve_device(p.device, self.dist.local_rank)
-        self.dtype = resolve_dtype(self._dtype_name(), self.device)
+        self.dtype = resolve_run_dtype(p.dtype, self.device)
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             p.to_yaml(self.output_dir / "params.yaml")
             self.log(str(p))
 
-        resume_dir = self._find_resume_checkpoint()
+        resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
         self.model_args = resolve_model_args(p.model, p.checkpoint_dir)
         self.model = self._setup_model(resume_dir)
         self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
         self.tokenizer = load_tokenizer(self.tokenizer_path, family=self.model_args.family)
-        self.train_loader, self.sampler = self._setup_data(p.dataset, p.split, shuffle=p.shuffle)
-        self.eval_loader = self._setup_data(p.eval_dataset, "train", shuffle=False)[0] if p.eval_dataset else None
-        self.steps_per_epoch = self._steps_per_epoch()
+        self.train_loader, self.sampler = build_data(
+            p, self.tokenizer, self.dist, source=p.dataset, split=p.split, shuffle=p.shuffle, log=self.log
+        )
+        self.eval_loader = None
+        if p.eval_dataset:
+            self.eval_loader, _ = build_data(
+                p, self.tokenizer, self.dist, source=p.eval_dataset, split="train", shuffle=False, log=self.log
+            )
+        self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)
         self.optimizer = build_optimizer(
             p.optimizer, self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, device=self.device
         )
@@ -101,71 +108,21 @@ class FullFinetuneRecipe:
             f"{self.steps_per_epoch} steps per epoch"
         )
 
-    def _dtype_name(self) -> str:
-        if self.params.dtype != "auto":
-            return self.params.dtype
-        # bf16 matmuls are emulated and ~20x slower on CPUs without bf16 units.
-        return "bf16" if torch.cuda.is_available() and self.params.device != "cpu" else "fp32"
-
-    def _find_resume_checkpoint(self) -> Optional[Path]:
-        if not self.params.resume_from_checkpoint:
-            return None
-        checkpoint = latest_checkpoint(self.output_dir)
-        if checkpoint is None:
-            self.log(f"resume_from_checkpoint: no checkpoint in {self.output_dir} yet, starting from step 0")
-        else:
-            self.log(f"resuming from {checkpoint}")
-        return checkpoint
-
     def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
         p = self.params
-        with torch.device("meta"):
-            model = TransformerDecoder(self.model_args)
         state_dict: dict[str, torch.Tensor] = {}
-        if self.rank_zero or not self.dist.is_distributed:
+        if self.rank_zero:
+            # A resumed run continues from its own HF-format weights, not the original checkpoint.
             weights_dir = resume_dir or (resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
-            checkpoint_format = "hf" if resume_dir else p.checkpoint_format
             state_dict = initial_state_dict(
-                self.model_args, weights_dir=weights_dir, checkpoint_format=checkpoint_format,
+                self.model_args, weights_dir=weights_dir, checkpoint_format="hf" if resume_dir else p.checkpoint_format,
                 dtype=self.dtype, seed=p.seed,
             )
         return prepare_model(
-            model, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
+            self.model_args, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
             activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,
             reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload,
         )
-
-    def _setup_data(
-        self, source: str, split: str, *, shuffle: bool
-    ) -> tuple[torch.utils.data.DataLoader, ResumableDistributedSampler]:
-        p = self.params
-        dataset = build_dataset(
-            str(resolve_path(source)) if source.startswith("pkg:") else source,
-            dataset_type=p.dataset_type, tokenizer=self.tokenizer, max_seq_len=p.max_seq_len,
-            template=p.template, train_on_input=p.train_on_input, column_map=p.column_map, split=split,
-            packed=p.packed, log=self.log,
-        )
-        sampler = ResumableDistributedSampler(
-            len(dataset), rank=self.dist.rank, world_size=self.dist.world_size, seed=p.seed,
-            shuffle=shuffle, drop_last=shuffle,
-        )
-        pad_id = self.tokenizer.pad_id
-        loader = build_dataloader(
-            dataset, batch_size=p.batch_size, sampler=sampler, num_workers=p.num_workers,
-            collate_fn=lambda batch: collate(batch, pad_id=pad_id),
-        )
-        return loader, sampler
-
-    def _steps_per_epoch(self) -> int:
-        p = self.params
-        full_steps = len(self.sampler) // (p.batch_size * p.gradient_accumulation_steps)
-        if full_steps == 0:
-            raise UserError(
-                f"the dataset gives each of the {self.dist.world_size} process(es) {len(self.sampler)} samples, "
-                f"fewer than one step needs (batch_size x gradient_accumulation_steps = "
-                f"{p.batch_size * p.gradient_accumulation_steps}); lower them or add data"
-            )
-        return min(full_steps, p.max_steps_per_epoch or full_steps)
 
     def _load_recipe_state(self, checkpoint: Path) -> None:
         state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
@@ -241,7 +198,7 @@ class FullFinetuneRecipe:
             profiler.step()
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `micro_batches`."""
+        """One optimizer step over `micro_batches` (gradient accumulation)."""
         loss = self.accumulate_gradients(micro_batches)
         check_finite_loss(loss, self.global_step + 1, self._last_checkpoint_dir())
         grad_norm = clip_grad_norm(self.model.parameters(), self.params.clip_grad_norm or math.inf)
@@ -249,57 +206,26 @@ class FullFinetuneRecipe:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
-        non_pad = sum(int((b["tokens"] != self.tokenizer.pad_id).sum()) for b in micro_batches)
-        tokens = all_reduce_sum(torch.tensor(float(non_pad), device=self.device)).item()
+        tokens = count_non_pad_tokens(micro_batches, self.tokenizer.pad_id, self.device)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     def accumulate_gradients(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
-        """Backpropagate every micro-batch; return the step's mean loss per trained token.
+        """Backpropagate every micro-batch; the loss is normalised by all their trained tokens."""
+        return accumulate_gradients(
+            self.model, micro_batches, device=self.device, world_size=self.dist.world_size,
+            loss_chunks=self.params.loss_chunks, offload_activations=self.params.enable_activation_offloading,
+        )
 
-        Each token weighs the same whatever the padding: the summed loss of every micro-batch
-        on every rank is divided by the number of trained tokens over all of them. FSDP
-        averages gradients over ranks, hence the factor world_size.
-        """
-        local_tokens = sum(count_tokens(b["labels"]) for b in micro_batches)
-        global_tokens = all_reduce_sum(torch.as_tensor(local_tokens, device=self.device).float()).clamp(min=1)
-        scale = self.dist.world_size / global_tokens
-        loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss_sum += self._backward(batch, scale)
-        return (all_reduce_sum(loss_sum) / global_tokens).item()
+    def evaluate(self) -> float:
+        """Mean per-token loss on the held-out data."""
+        assert self.eval_loader is not None
+        return evaluate(
+            self.model, self.eval_loader, device=self.device, loss_chunks=self.params.loss_chunks,
+            max_batches=self.params.eval_max_batches,
+        )
 
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
-
-    def _backward(self, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with activation_offloading(self.params.enable_activation_offloading):
-            loss_sum = self._loss_sum(batch)
-        (loss_sum * scale).backward()
-        return loss_sum.detach()
-
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(
-            batch["tokens"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
-            return_hidden=True,
-        )
-        return chunked_cross_entropy(hidden, self.model.output, batch["labels"], num_chunks=self.params.loss_chunks)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean per-token loss on the held-out data (all ranks together)."""
-        assert self.eval_loader is not None
-        self.model.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
-        for i, batch in enumerate(self.eval_loader):
-            if self.params.eval_max_batches and i >= self.params.eval_max_batches:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss_sum += self._loss_sum(batch)
-            tokens += count_tokens(batch["labels"])
-        self.model.train()
-        return (all_reduce_sum(loss_sum) / all_reduce_sum(tokens).clamp(min=1)).item()
 
     def _log_metrics(self, metrics: dict[str, float]) -> None:
         for logger in self.metric_loggers:
@@ -325,7 +251,7 @@ class FullFinetuneRecipe:
 
             with atomic_directory(step_dir) as tmp:
                 save_hf_checkpoint(
-                    model_state, self.model_args, tmp, tokenizer_files=self._tokenizer_files(),
+                    model_state, self.model_args, tmp, tokenizer_files=[resolve_tokenizer_path(self.tokenizer_path)],
                     bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
                 )
                 self.params.to_yaml(tmp / "params.yaml")
@@ -344,10 +270,6 @@ class FullFinetuneRecipe:
         barrier()
         self.last_saved_step = self.global_step
         self.monitor.set_state("running")
-
-    def _tokenizer_files(self) -> list[Path]:
-        path = self.tokenizer_path
-        return [path / "tokenizer.model"] if path.is_dir() else [path]
 
     # ------------------------------------------------------------------------------------------
     # The end
@@ -369,19 +291,7 @@ class FullFinetuneRecipe:
 
 def _main(argv: Sequence[str]) -> int:
     params = TuneArgumentParser(PARAMS_CLASS, prog="tune full_finetune").parse_args(argv)
-    recipe = FullFinetuneRecipe(params)
-    try:
-        recipe.setup()
-        recipe.train()
-    except KeyboardInterrupt as exc:
-        recipe.fail(exc)
-        return 130
-    except BaseException as exc:
-        recipe.fail(exc)
-        raise
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_recipe(FullFinetuneRecipe(params))
 
 
 main = recipe_entry_point(_main)

@@ -91,7 +91,9 @@ class _OffloadHooks:
         return self.stream
 
     def _worth_offloading(self, tensor: torch.Tensor) -> bool:
-        if isinstance(tensor, nn.Parameter) or tensor.device.type not in self.device_types:
+        # Weights stay put: linear layers save a transposed view of the weight, not the weight.
+        base = tensor._base if tensor._base is not None else tensor
+        if isinstance(base, nn.Parameter) or tensor.device.type not in self.device_types:
             return False
         return tensor.numel() * tensor.element_size() >= self.min_bytes
 

@@ -1,9 +1,11 @@
-"""Turning params into a model ready to train: architecture, initial weights, memory features,
-compilation and FSDP, in the order they must be applied.
+"""Turning params into a model ready to train: architecture, initial weights, adapters, memory
+features, compilation and FSDP, in the order they must be applied.
 
-Weights are read (or randomly initialised, seeded) on rank 0 only and reach the other ranks
-through FSDP's broadcast, so a 2-process run starts from exactly the weights a 1-process run
-does. The model itself is built on the meta device first: nothing is allocated twice.
+The complete starting model (base weights, plus adapters for LoRA) is built on CPU by the one
+process that owns it: rank 0 when distributed. Other ranks build the same module structure on
+the meta device, shard it, and receive the weights through FSDP's broadcast, so a 2-process run
+starts from exactly the weights a 1-process run does. Nothing is allocated twice: weights are
+assigned into meta-device modules, never copied into a random init.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from finetune.params import resolve_path
 from finetune.training.activations import apply_activation_checkpointing
 from finetune.training.distributed import DistInfo
 from finetune.training.fsdp import load_full_model_state_dict, shard_model
+
+ModuleHook = Callable[[nn.Module], None]
 
 
 def resolve_model_args(model: str, checkpoint_dir: Optional[str]) -> ModelArgs:
@@ -38,21 +42,48 @@ def initial_state_dict(
     dtype: torch.dtype,
     seed: int,
 ) -> dict[str, torch.Tensor]:
-    """Full weights on CPU: read from `weights_dir`, or a seeded random init when it is None."""
+    """Full base weights on CPU: read from `weights_dir`, or a seeded random init when None."""
     if weights_dir is not None:
         from finetune.checkpointing import load_state_dict
 
         return load_state_dict(weights_dir, args, checkpoint_format=checkpoint_format, dtype=dtype)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = TransformerDecoder(args)
-    model.reset_parameters()
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TransformerDecoder(args)
+        model.reset_parameters()
     return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
+def build_on_cpu(
+    args: ModelArgs,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    adapt: Optional[ModuleHook] = None,
+    initialize: Optional[ModuleHook] = None,
+) -> TransformerDecoder:
+    """The complete starting model on CPU: `adapt` changes modules (LoRA) on the meta device,
+    the base weights are assigned, then `initialize` fills what the checkpoint has not (adapters)."""
+    with torch.device("meta"):
+        model = TransformerDecoder(args)
+    if adapt is not None:
+        adapt(model)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    model.init_rope(torch.device("cpu"))
+    if initialize is not None:
+        initialize(model)
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(
+            f"the checkpoint has no weights for {', '.join(missing[:3])}{more}; "
+            "check that checkpoint_dir holds the whole model"
+        )
+    return model
+
+
 def prepare_model(
-    model: TransformerDecoder,
+    args: ModelArgs,
     state_dict: dict[str, torch.Tensor],
     *,
     dist: DistInfo,
@@ -62,42 +93,44 @@ def prepare_model(
     compile: bool,
     reshard_after_forward: bool,
     cpu_offload: bool,
-    before_sharding: Optional[Callable[[nn.Module], None]] = None,
+    adapt: Optional[ModuleHook] = None,
+    initialize: Optional[ModuleHook] = None,
 ) -> TransformerDecoder:
-    """Put weights into a meta-device model and apply the memory and speed features.
+    """A model on `device` (sharded across ranks when distributed) with the memory features on.
 
-    Order matters: activation checkpointing wraps each layer before compile, and both come
-    before FSDP wraps the layers. `before_sharding` lets a recipe change modules (LoRA) first.
-    `state_dict` is only needed on rank 0 when distributed; other ranks pass {}.
+    `state_dict` holds the base weights in the run's dtype; only the owning process (rank 0
+    when distributed) needs it, other ranks pass {}. Activation checkpointing wraps each layer
+    before compile, and both come before FSDP wraps the layers.
     """
-    if before_sharding is not None:
-        before_sharding(model)
+    if not dist.is_distributed:
+        if cpu_offload:
+            raise UserError("cpu_offload is an FSDP option: it needs --nproc_per_node 2 or more; unset it")
+        model = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize)
+        _apply_features(model, activation_checkpointing, compile)
+        model.to(device=device)
+        model.init_rope(device)  # recomputed in fp32 on the device
+        return model
+    full_state = {}
+    if dist.rank == 0:
+        full_state = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize).state_dict()
+    with torch.device("meta"):
+        model = TransformerDecoder(args).to(dtype)
+    if adapt is not None:
+        adapt(model)
+    _apply_features(model, activation_checkpointing, compile)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    shard_model(model, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    model.init_rope(device)
+    load_full_model_state_dict(model, full_state)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return model
+
+
+def _apply_features(model: nn.Module, activation_checkpointing: bool, compile: bool) -> None:
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         for layer in model.layers:
             layer.compile()
-    if not dist.is_distributed:
-        if cpu_offload:
-            raise UserError("cpu_offload is an FSDP option: it needs --nproc_per_node 2 or more; unset it")
-        model.load_state_dict(state_dict, strict=False, assign=True)
-        _check_all_materialised(model)
-        model.tie_weights()
-        model.init_rope(torch.device("cpu"))  # a meta buffer cannot be moved
-        model.to(device=device, dtype=dtype)
-        model.init_rope(device)  # recomputed in fp32 whatever the weights' dtype
-        return model
-    shard_model(model, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
-    model.to_empty(device="cpu" if cpu_offload else device)
-    model.to(dtype=dtype)
-    model.init_rope(device)
-    load_full_model_state_dict(model, state_dict, strict=False)
-    return model
-
-
-def _check_all_materialised(model: nn.Module) -> None:
-    missing = [name for name, p in model.named_parameters() if p.is_meta]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise UserError(f"the checkpoint has no weights for {', '.join(missing[:3])}{more}; "
-                        "check that checkpoint_dir holds the whole model")

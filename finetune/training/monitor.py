@@ -1,9 +1,10 @@
 """A job status file that tools outside the run can poll: `output_dir/status.json`.
 
 It holds the run's state (starting, running, checkpointing, done, failed), progress (step,
-epoch, loss), the newest complete checkpoint, the error on failure, the pid, and
-`heartbeat_at`, refreshed by a daemon thread every few seconds: a heartbeat older than a few
-intervals while the state is not done/failed means the process is hung or was killed.
+epoch, loss), the newest complete checkpoint, the error on failure, the pid, and two clocks:
+`heartbeat_at`, refreshed by a daemon thread every few seconds, goes stale only when the
+process is dead (killed, or the machine gone); `progress_at`, set whenever the training loop
+reports, also goes stale when the process lives but the loop is stuck (say, a hung collective).
 
 The file is replaced atomically (write a temp file, then os.replace), so readers never see a
 half-written file. A failed write is logged and skipped: monitoring never stops training.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune.checkpointing.atomic import atomic_write_text
+from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ def _now() -> str:
 
 class JobMonitor:
     def __init__(self, output_dir: Path | str, *, rank: int, heartbeat_interval_s: float = 5.0) -> None:
+        if heartbeat_interval_s <= 0:
+            raise UserError(
+                f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}; set it to a few seconds"
+            )
         self.enabled = rank == 0
         self.path = Path(output_dir) / "status.json"
         self.interval = heartbeat_interval_s
@@ -49,6 +55,7 @@ class JobMonitor:
             "loss": None,
             "started_at": now,
             "heartbeat_at": now,
+            "progress_at": now,
             "last_checkpoint": self._previous_checkpoint(),
             "error": None,
             "pid": os.getpid(),
@@ -83,8 +90,9 @@ class JobMonitor:
     def _set(self, **fields: Any) -> None:
         if not self.enabled:
             return
+        now = _now()
         with self._lock:
-            self._status.update(fields, heartbeat_at=_now())
+            self._status.update(fields, heartbeat_at=now, progress_at=now)
         self._write()
 
     def _stop_heartbeat(self) -> None:

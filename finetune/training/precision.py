@@ -34,3 +34,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             gpu = torch.cuda.get_device_name(device)
             raise UserError(f"dtype=bf16 was requested but GPU {gpu} has no bf16 support; set dtype=fp32")
     return dtype
+
+
+def resolve_run_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Like `resolve_dtype`, plus "auto": bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are
+    emulated and ~20x slower without bf16 units."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return resolve_dtype(name, device)
