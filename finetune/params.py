@@ -229,10 +229,6 @@ class FullFinetuneParams(ParamsIO):
             f"clip_grad_norm={self.clip_grad_norm} must be positive (or none to turn clipping off)",
         )
         _require(
-            not (self.device == "cpu" and self.optimizer == "adamw4bit"),
-            "optimizer=adamw4bit needs a GPU (its kernels do not run on CPU); use adamw8bit or adamw",
-        )
-        _require(
             not (self.enable_activation_offloading and self.compile),
             "enable_activation_offloading and compile cannot be combined: the offload hooks "
             "break compiled graphs; turn one off",
@@ -260,7 +256,7 @@ class LoraFinetuneParams(FullFinetuneParams):
     lora_dropout: float = param(0.0, "dropout on the adapter input")
     use_dora: bool = param(False, "DoRA: learn a magnitude vector beside the LoRA direction")
     quantize_base: bool = param(False, "QLoRA: store frozen base weights as NF4")
-    save_merged_model: bool = param(True, "also write the merged model (HF format) in each checkpoint")
+    save_merged_model: bool = param(True, "also write the merged model (HF format) to step_<N>/merged")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -334,3 +330,104 @@ class GenerateParams(ParamsIO):
             self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)"
         )
         _require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")
+
+
+QuantizeScheme = Literal["int8_weight_only", "int8_dynamic", "int4_weight_only", "gptq_int4"]
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class QuantizeParams(ParamsIO):
+    """Quantize a checkpoint's linear layers with torchao; report size and perplexity before and after."""
+
+    # Model and files
+    model: str = param("auto", MODEL_HELP)
+    checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
+    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    # Scheme
+    scheme: QuantizeScheme = param(
+        "int8_weight_only", "int8_weight_only, int8_dynamic (int8 activations too), int4_weight_only or gptq_int4"
+    )
+    group_size: int = param(128, "int4 schemes: consecutive input weights sharing one scale (32, 64, 128 or 256)")
+    # Data: calibration (GPTQ) and held-out perplexity
+    calibration_dataset: Optional[str] = param(None, "gptq_int4: your data, which the layers' outputs are kept close on")
+    calibration_samples: int = param(128, "gptq_int4: samples drawn from calibration_dataset")
+    eval_dataset: Optional[str] = param("pkg:data/demo/heldout.jsonl", "held-out data for perplexity before and after; none = skip")
+    eval_max_samples: Optional[int] = param(None, "perplexity on at most this many samples; none = all")
+    dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how calibration and eval records are read")
+    template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
+    max_seq_len: int = param(512, "calibration and eval samples are truncated to this many tokens")
+    batch_size: int = param(8, "samples per batch when measuring perplexity")
+    seed: int = param(42, "which calibration samples are drawn")
+    # Hardware and output
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    output_dir: str = param("output/quantized", "where the quantized checkpoint directory is written")
+
+    def __post_init__(self) -> None:
+        from finetune.data.templates import get_template
+        from finetune.models import MODEL_NAMES
+
+        _check_field_types(self)
+        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _check_choice("group_size", self.group_size, GROUP_SIZES)
+        _require(
+            self.scheme != "gptq_int4" or self.calibration_dataset is not None,
+            "scheme=gptq_int4 calibrates on your data: set calibration_dataset (e.g. your training file)",
+        )
+        for name in ("calibration_samples", "max_seq_len", "batch_size"):
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        _require(
+            self.eval_max_samples is None or self.eval_max_samples >= 1,
+            f"eval_max_samples={self.eval_max_samples} must be at least 1 (or none)",
+        )
+        if self.dataset_type == "instruct":
+            get_template(self.template)
+        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        _require(
+            resolve_path(self.output_dir).resolve() != resolve_path(self.checkpoint_dir).resolve(),  # type: ignore[arg-type]
+            "output_dir is checkpoint_dir: the quantized model would replace the original; choose another output_dir",
+        )
+
+
+@dataclass
+class EvalParams(ParamsIO):
+    """Score a checkpoint (plain, quantized, or with a LoRA adapter) on EleutherAI lm-eval tasks."""
+
+    # Model and files
+    model: str = param("auto", MODEL_HELP)
+    checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights, or a quantized one (required)")
+    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
+    # Tasks
+    tasks: list[str] = param([], "harness task names, e.g. [hellaswag, arc_easy], or your own from include_path")
+    include_path: Optional[str] = param(None, "folder of your own task YAMLs")
+    limit: Optional[float] = param(None, "examples per task: a count, or a fraction below 1; none = all")
+    num_fewshot: Optional[int] = param(None, "examples shown before each question; none = each task's default")
+    max_gen_toks: int = param(256, "generation tasks: new tokens per answer unless the task sets its own")
+    # Hardware and output
+    batch_size: int = param(8, "requests scored or generated together")
+    max_seq_len: Optional[int] = param(None, "longest context the model sees; none = the model's, at most 4096")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    output_path: Optional[str] = param(None, "also write the harness's results as JSON to this file")
+
+    def __post_init__(self) -> None:
+        from finetune.models import MODEL_NAMES
+
+        _check_field_types(self)
+        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _require(bool(self.tasks), "tasks is empty; name at least one task, e.g. tasks=[hellaswag]")
+        _require(all(t.strip() for t in self.tasks), "tasks holds an empty name; remove it")
+        _require(self.limit is None or self.limit > 0, f"limit={self.limit} must be positive (or none for all examples)")
+        _require(
+            self.num_fewshot is None or self.num_fewshot >= 0, f"num_fewshot={self.num_fewshot} must be 0 or more (or none)"
+        )
+        _require(self.max_gen_toks >= 1, f"max_gen_toks={self.max_gen_toks} must be at least 1")
+        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        _require(self.max_seq_len is None or self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2 (or none)")
+        _require(self.output_path is None or bool(self.output_path.strip()), "output_path must not be empty (or none)")

@@ -282,6 +282,7 @@ def save_quantized_checkpoint(
         tensors[name] = pack_int4(tensors[name])
     metadata[_PACKED_INT4] = json.dumps(packed)
     save_safetensors(tensors, out / WEIGHTS_FILE, metadata=metadata)
+    size = (out / WEIGHTS_FILE).stat().st_size
 
     dtype = model.tok_embeddings.weight.dtype
     config = hf_config_from_model_args(args, dtype, bos_token_id, eos_token_id)
@@ -290,7 +291,7 @@ def save_quantized_checkpoint(
         _write_json(out / "generation_config.json", {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id})
     _write_json(out / QUANTIZATION_FILE, {
         "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
-        "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, **record,
+        "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,
     })
     copy_tokenizer_files(tokenizer_files, out)
     return out

@@ -27,6 +27,7 @@ from finetune.models import ModelArgs, model_args, num_params
 from finetune.models.generation import TextStream, generate
 from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import GenerateParams, resolve_path
+from finetune.quantization import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers import Message, Tokenizer, load_tokenizer
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype
@@ -75,9 +76,14 @@ class GenerateRecipe:
 
         # The adapter is checked against the architecture before any base weight is read.
         adapter = load_peft_adapter(resolve_path(p.adapter_dir), self.model_args) if p.adapter_dir else None
-        self.model, _ = load_model(
-            checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
-        )
+        if is_quantized_checkpoint(checkpoint_dir):
+            # A quantized model computes in the dtype it was quantized in.
+            self.model, _ = load_quantized_model(checkpoint_dir, device=self.device, args=self.model_args)
+            self.dtype = self.model.tok_embeddings.weight.dtype
+        else:
+            self.model, _ = load_model(
+                checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
+            )
         if adapter is not None:
             self._apply_adapter(*adapter)
         self.model.eval()

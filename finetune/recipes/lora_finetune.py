@@ -4,7 +4,7 @@ or GPU or with FSDP2 across processes and nodes (`tune --nproc_per_node N lora_f
 Read it top to bottom. It differs from the full recipe in four places: adapters are inserted
 before the weights arrive, only adapter parameters train (so the optimizer state is
 adapter-sized), each checkpoint holds a PEFT-format adapter plus the merged model in Hugging
-Face format, and a resume rebuilds the base from the original checkpoint and loads the saved
+Face format (in `merged/`), and a resume rebuilds the base from the original checkpoint and loads the saved
 adapter on top. Everything else comes from the same blocks as the full recipe.
 """
 
@@ -61,6 +61,7 @@ from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, 
 
 PARAMS_CLASS = LoraFinetuneParams
 RECIPE_STATE_FILE = "recipe_state.pt"
+MERGED_DIR = "merged"
 
 
 class LoraFinetuneRecipe:
@@ -271,8 +272,8 @@ class LoraFinetuneRecipe:
     # ------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        """Write `output_dir/step_<N>/` atomically: PEFT adapter, merged HF model, params.yaml,
-        and the (adapter-sized) recipe state."""
+        """Write `output_dir/step_<N>/` atomically: the PEFT adapter, params.yaml and the
+        (adapter-sized) recipe state, and the merged model in HF format in `step_<N>/merged/`."""
         assert self.monitor is not None
         self.monitor.set_state("checkpointing")
         # Gathering is collective: every rank takes part, rank 0 writes.
@@ -289,8 +290,9 @@ class LoraFinetuneRecipe:
                     base_model_name_or_path=str(resolve_path(p.checkpoint_dir)) if p.checkpoint_dir else None,
                 )
                 if merged is not None:
+                    # Its own folder: transformers would apply an adapter_config.json beside it again.
                     save_hf_checkpoint(
-                        merged, self.model_args, tmp, tokenizer_files=[resolve_tokenizer_path(self.tokenizer_path)],
+                        merged, self.model_args, tmp / MERGED_DIR, tokenizer_files=[resolve_tokenizer_path(self.tokenizer_path)],
                         bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
                     )
                 self.params.to_yaml(tmp / "params.yaml")

@@ -7,59 +7,20 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.params import FullFinetuneParams
 from finetune.recipes.full_finetune import FullFinetuneRecipe
-
-REPO = Path(__file__).resolve().parents[2]
-BASE = {
-    "model": "tiny",
-    "tokenizer_path": "pkg:data/demo/tokenizer.model",
-    "dataset": "pkg:data/demo/train.jsonl",
-    "max_seq_len": 64,
-    "batch_size": 4,
-    "lr": 1e-3,
-    "device": "cpu",
-    "dtype": "fp32",
-    "heartbeat_interval_s": 0.2,
-}
+from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, train_losses, tensors, tune, wait_for
 
 
 def params(tmp_path: Path, **overrides) -> FullFinetuneParams:
-    return FullFinetuneParams(**{**BASE, "output_dir": str(tmp_path / "out"), **overrides})
-
-
-def as_argv(**values) -> list[str]:
-    return [f"{k}={v}" for k, v in {**BASE, **values}.items()]
-
-
-def tune(*argv: str, wait: bool = True, **popen):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "finetune.cli", *argv]
-    if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-
-def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_losses(output_dir: Path) -> list[float]:
-    return [m["loss"] for m in metrics(output_dir) if "loss" in m]
-
-
-def weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(step_dir / "model.safetensors"))
+    return FullFinetuneParams(**{**TINY, "output_dir": str(tmp_path / "out"), **overrides})
 
 
 def run_in_process(p: FullFinetuneParams) -> FullFinetuneRecipe:
@@ -181,23 +142,6 @@ def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(tmp_path, monke
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"run ended before {path} appeared: {process.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.02)
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
@@ -214,7 +158,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
     assert not (interrupted / "step_8").exists(), "the run finished before it was killed"
     result = tune(*launcher, "finetune_llm", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(reference / "step_8", interrupted / "step_8")
+    assert_same_tensors(reference / "step_8" / "model.safetensors", interrupted / "step_8" / "model.safetensors")
     assert train_losses(reference)[-1] == train_losses(interrupted)[-1]
 
 
@@ -227,7 +171,7 @@ def test_two_processes_follow_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     for a, b in zip(train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), strict=True):
         assert abs(a - b) <= 1e-4
-    wa, wb = weights(tmp_path / "one" / "step_4"), weights(tmp_path / "two" / "step_4")
+    wa, wb = (tensors(tmp_path / run / "step_4" / "model.safetensors") for run in ("one", "two"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4, msg=name)
 

@@ -1,5 +1,12 @@
 """Training-block tests use tiny tensors: one intra-op thread avoids oversubscribing shared CPUs."""
 
+import pytest
 import torch
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

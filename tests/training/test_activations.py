@@ -79,15 +79,27 @@ def test_offload_hooks_copy_out_prefetch_and_restore_exactly():
     ref_loss, ref_grads = _grads(model, tokens, labels, retain=True)
 
     hooks = _OffloadHooks(use_streams=False, min_bytes=256, prefetch=2, device_types=frozenset({"cpu"}))
+    kept_as_is = []
+
+    def pack(tensor):
+        packed = hooks.pack(tensor)
+        if torch.is_tensor(packed):
+            kept_as_is.append(packed)
+        return packed
+
     prefetched = []
     start_prefetch = hooks._start_prefetch
     hooks._start_prefetch = lambda holder: prefetched.append(holder.index) or start_prefetch(holder)
-    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+    with torch.autograd.graph.saved_tensors_hooks(pack, hooks.unpack):
         logits = model(tokens)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
     offloaded = [ref() for ref in hooks.saved]
     assert len(offloaded) > 10
     assert all(h is not None and h.cpu.numel() * h.cpu.element_size() >= 256 for h in offloaded)
+    # Weights (and the transposed views linear layers save) are not copied out.
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = [t for t in kept_as_is if t.untyped_storage().data_ptr() in weights]
+    assert len(kept) >= 3 * 3 + 1  # mix, up, down per layer, and the output head
     grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
     assert torch.equal(loss, ref_loss)
     _assert_bit_equal(grads, ref_grads)

@@ -10,8 +10,7 @@ from tests.training.tiny import TinyDecoder, make_batch
 
 
 def _reference_and_chunked(model: nn.Module, tokens, labels, num_chunks: int):
-    ref_model = model
-    hidden = ref_model(tokens, return_hidden=True)
+    hidden = model(tokens, return_hidden=True)
     ref = F.cross_entropy(model.output(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     hidden = model(tokens, return_hidden=True)

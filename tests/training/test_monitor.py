@@ -6,6 +6,9 @@ import threading
 import time
 from datetime import datetime
 
+import pytest
+
+from finetune.errors import UserError
 from finetune.training.monitor import JobMonitor
 
 
@@ -70,11 +73,20 @@ def test_heartbeat_refreshes_and_stops_after_finish(tmp_path):
     monitor = JobMonitor(tmp_path, rank=0, heartbeat_interval_s=0.05)
     first = _read(path)["heartbeat_at"]
     assert _wait_for(lambda: _read(path)["heartbeat_at"] > first)
-    assert _read(path)["state"] == "starting"
+    status = _read(path)
+    # The loop reported nothing since start: progress stays put while the heartbeat moves on.
+    assert (status["state"], status["progress_at"]) == ("starting", first)
+    monitor.update(step=1)
+    assert _read(path)["progress_at"] > first
     monitor.finish()
     last = _read(path)["heartbeat_at"]
     time.sleep(0.2)
     assert _read(path)["heartbeat_at"] == last
+
+
+def test_nonpositive_interval_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="heartbeat_interval_s must be positive"):
+        JobMonitor(tmp_path, rank=0, heartbeat_interval_s=0)
 
 
 def test_other_ranks_write_nothing(tmp_path):

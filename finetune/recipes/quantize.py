@@ -1,0 +1,219 @@
+"""Quantize a Llama-family checkpoint with torchao and measure what it costs.
+
+Read it top to bottom: `setup` reads the architecture, the tokenizer and the data (so bad
+input fails before any weight is read), `quantize` loads the model, measures perplexity on
+held-out data, quantizes the linear layers (int8 weight-only, int8 dynamic activations with
+int8 weights, int4 weight-only, or GPTQ int4 calibrated on the user's data), measures again,
+and writes a self-describing quantized checkpoint that `tune generate` and `tune eleuther_eval`
+load. The report gives size on disk and perplexity before and after.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from finetune.checkpointing import load_model, read_model_args
+from finetune.checkpointing.atomic import atomic_directory
+from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.data import build_dataset
+from finetune.errors import UserError
+from finetune.models import ModelArgs, model_args, num_params
+from finetune.params import QuantizeParams, resolve_path
+from finetune.quantization import (
+    format_bytes,
+    is_quantized_checkpoint,
+    perplexity,
+    quantize_model,
+    read_quantization_record,
+    save_quantized_checkpoint,
+    weights_size,
+)
+from finetune.tokenizers import Tokenizer, load_tokenizer
+from finetune.tokenizers.loader import resolve_tokenizer_path
+from finetune.training.distributed import resolve_device
+from finetune.training.precision import resolve_dtype
+
+PARAMS_CLASS = QuantizeParams
+
+
+class QuantizeRecipe:
+    """Load a checkpoint, quantize it, measure it, save it."""
+
+    def __init__(self, params: QuantizeParams) -> None:
+        self.params = params
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        p = self.params
+        self.device = resolve_device(p.device)
+        # bf16 matmuls are emulated and many times slower on CPUs.
+        self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
+        self.checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
+        if is_quantized_checkpoint(self.checkpoint_dir):
+            scheme = read_quantization_record(self.checkpoint_dir)["scheme"]
+            raise UserError(
+                f"checkpoint_dir {self.checkpoint_dir} is already quantized ({scheme}); quantize the original checkpoint instead"
+            )
+        self.output_dir = resolve_path(p.output_dir)
+        self._check_output_dir()
+        self.model_args = self._model_args()
+        self.tokenizer_file = resolve_tokenizer_path(resolve_path(p.tokenizer_path) if p.tokenizer_path else self.checkpoint_dir)
+        self.tokenizer = self._load_tokenizer()
+        self.eval_samples = self._eval_samples()
+        self.calibration = self._calibration_samples()
+
+    def _check_output_dir(self) -> None:
+        out = self.output_dir
+        # The directory is replaced whole: never an unrelated one (say, a training run's output).
+        if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_quantized_checkpoint(out))):
+            raise UserError(
+                f"output_dir {out} exists and is not a quantized checkpoint; choose a new directory or delete it"
+            )
+
+    def _model_args(self) -> ModelArgs:
+        if self.params.model == "auto":
+            return read_model_args(self.checkpoint_dir, self.params.checkpoint_format)
+        if not self.checkpoint_dir.exists():
+            raise UserError(f"checkpoint directory {self.checkpoint_dir} does not exist; check checkpoint_dir")
+        return model_args(self.params.model)
+
+    def _load_tokenizer(self) -> Tokenizer:
+        # Only a 128k vocabulary pins the family down; small models may pair with either kind.
+        family = self.model_args.family if self.model_args.family == "llama3" else None
+        tokenizer = load_tokenizer(self.tokenizer_file, family=family)
+        if tokenizer.vocab_size > self.model_args.vocab_size:
+            raise UserError(
+                f"tokenizer {self.tokenizer_file} has {tokenizer.vocab_size} tokens but the model only "
+                f"{self.model_args.vocab_size}; use the tokenizer that ships with the checkpoint"
+            )
+        return tokenizer
+
+    def _dataset(self, source: str, train_on_input: bool) -> Any:
+        p = self.params
+        return build_dataset(
+            str(resolve_path(source)) if source.startswith("pkg:") else source,
+            dataset_type=p.dataset_type, tokenizer=self.tokenizer, template=p.template,
+            max_seq_len=min(p.max_seq_len, self.model_args.max_seq_len), train_on_input=train_on_input, log=self.log,
+        )
+
+    def _eval_samples(self) -> list[dict[str, list[int]]]:
+        p = self.params
+        if p.eval_dataset is None:
+            return []
+        # Responses only for instruct and chat data: the same tokens a fine-tune's eval loss counts.
+        dataset = self._dataset(p.eval_dataset, train_on_input=False)
+        count = len(dataset) if p.eval_max_samples is None else min(len(dataset), p.eval_max_samples)
+        return [dataset[i] for i in range(count)]
+
+    def _calibration_samples(self) -> list[torch.Tensor]:
+        p = self.params
+        if p.scheme != "gptq_int4":
+            return []
+        assert p.calibration_dataset is not None  # params validation guarantees it
+        # Prompts too: GPTQ needs the inputs the layers see, not what the loss is taken on.
+        dataset = self._dataset(p.calibration_dataset, train_on_input=True)
+        generator = torch.Generator().manual_seed(p.seed)
+        order = torch.randperm(len(dataset), generator=generator)[: p.calibration_samples].tolist()
+        if len(order) < p.calibration_samples:
+            self.log(f"calibration_dataset has {len(order)} samples, fewer than calibration_samples={p.calibration_samples}: using all")
+        return [torch.tensor(dataset[i]["tokens"], device=self.device) for i in order]
+
+    # ------------------------------------------------------------------------------------------
+    # Quantization
+    # ------------------------------------------------------------------------------------------
+
+    def quantize(self) -> dict[str, Any]:
+        """Measure, quantize, measure, save; returns what was written to quantization.json."""
+        p = self.params
+        model, _ = load_model(
+            self.checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
+        )
+        model.eval()
+        self.log(f"model from {self.checkpoint_dir}: {num_params(model):,} parameters on {self.device} in {self.dtype}")
+        before = self._perplexity(model, "before")
+
+        started = time.perf_counter()
+        layers = quantize_model(model, p.scheme, group_size=p.group_size, calibration=self.calibration, log=self.log)
+        self.log(f"quantized {len(layers)} linear layers with {p.scheme} in {time.perf_counter() - started:.1f} s")
+        after = self._perplexity(model, "after")
+
+        grouped = p.scheme in ("int4_weight_only", "gptq_int4")
+        record: dict[str, Any] = {
+            "scheme": p.scheme,
+            "group_size": p.group_size if grouped else None,
+            "source_checkpoint": str(self.checkpoint_dir),
+            "source_size_bytes": weights_size(self.checkpoint_dir),
+            "quantized_layers": layers,
+            "calibration": {"dataset": p.calibration_dataset, "samples": len(self.calibration)} if self.calibration else None,
+            "perplexity": None if before is None else {
+                "dataset": p.eval_dataset, "tokens": before[1], "before": before[0], "after": after[0] if after else None,
+            },
+        }
+        with atomic_directory(self.output_dir) as tmp:
+            save_quantized_checkpoint(
+                model, tmp, record, tokenizer_files=[self.tokenizer_file],
+                bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+            )
+        record = read_quantization_record(self.output_dir)
+        self._report(record)
+        return record
+
+    def _perplexity(self, model: torch.nn.Module, when: str) -> Optional[tuple[float, int]]:
+        if not self.eval_samples:
+            return None
+        started = time.perf_counter()
+        result = perplexity(model, self.eval_samples, batch_size=self.params.batch_size, pad_id=self.tokenizer.pad_id)
+        self.log(f"perplexity {when}: {result[0]:.4f} on {result[1]} tokens ({time.perf_counter() - started:.1f} s)")
+        return result
+
+    def _report(self, record: dict[str, Any]) -> None:
+        p = self.params
+        grouped = f" (group size {record['group_size']})" if record["group_size"] else ""
+        source, size = record["source_size_bytes"], record["size_bytes"]
+        lines = [
+            f"scheme        {p.scheme}{grouped}, torchao {record['torchao_version']}, {record['dtype']} on {self.device.type}",
+            f"size on disk  {format_bytes(source)} -> {format_bytes(size)} ({source / size:.2f}x smaller)",
+        ]
+        ppl = record["perplexity"]
+        if ppl is not None:
+            change = 100 * (ppl["after"] / ppl["before"] - 1)
+            lines.append(
+                f"perplexity    {ppl['before']:.4f} -> {ppl['after']:.4f} ({change:+.2f}%) on {ppl['tokens']} tokens of {ppl['dataset']}"
+            )
+        lines.append(f"saved         {self.output_dir}")
+        print("\n".join(lines), flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # The end
+    # ------------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _main(argv: Sequence[str]) -> int:
+    params = TuneArgumentParser(PARAMS_CLASS, prog="tune quantize").parse_args(argv)
+    recipe = QuantizeRecipe(params)
+    try:
+        recipe.setup()
+        recipe.quantize()
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+main = recipe_entry_point(_main)
+
+if __name__ == "__main__":
+    sys.exit(main())

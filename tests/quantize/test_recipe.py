@@ -1,0 +1,118 @@
+"""`tune quantize` end to end, the quantized directory through `tune generate`, and bad input."""
+
+import json
+
+import pytest
+
+from finetune.cli import main
+from finetune.quantization import load_quantized_model, weights_size
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def quantize_args(trained_dir, out, *extra: str) -> list[str]:
+    return ["quantize", f"checkpoint_dir={trained_dir}", f"output_dir={out}", "template=plain", "max_seq_len=64",
+            "eval_max_samples=64", "device=cpu", *extra]
+
+
+def test_quantize_reports_size_and_perplexity_then_generate_loads_it(capsys, trained_dir, tmp_path):
+    out = tmp_path / "int4"
+    code, stdout, _ = run(capsys, *quantize_args(trained_dir, out, "scheme=int4_weight_only", "group_size=32"))
+    assert code == 0
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["scheme"] == "int4_weight_only" and record["group_size"] == 32
+    assert record["size_bytes"] == weights_size(out) and record["source_size_bytes"] == weights_size(trained_dir)
+    assert record["size_bytes"] < 0.4 * record["source_size_bytes"]
+    ppl = record["perplexity"]
+    assert ppl["tokens"] > 300 and ppl["before"] < 15
+    assert abs(ppl["after"] / ppl["before"] - 1) < 0.03
+    assert len(record["quantized_layers"]) == 15
+    # The printed report carries the same numbers.
+    assert f"{ppl['before']:.4f} -> {ppl['after']:.4f}" in stdout
+    assert f"({record['source_size_bytes'] / record['size_bytes']:.2f}x smaller)" in stdout
+
+    code, stdout, _ = run(capsys, "generate", f"checkpoint_dir={out}", "template=plain",
+                          "prompt=Add the two numbers.", "max_new_tokens=6", "device=cpu")
+    assert code == 0
+    assert "=== response ===" in stdout
+
+
+def test_gptq_calibrates_on_the_given_data(capsys, trained_dir, tmp_path):
+    out = tmp_path / "gptq"
+    code, _, err = run(capsys, *quantize_args(trained_dir, out, "scheme=gptq_int4", "group_size=64",
+                                              "calibration_dataset=pkg:data/demo/train.jsonl", "calibration_samples=16"))
+    assert code == 0, err
+    record = json.loads((out / "quantization.json").read_text())
+    assert record["calibration"] == {"dataset": "pkg:data/demo/train.jsonl", "samples": 16}
+    assert abs(record["perplexity"]["after"] / record["perplexity"]["before"] - 1) < 0.03
+    model, _ = load_quantized_model(out)
+    assert type(model.output.weight).__name__ == "IntxUnpackedToInt8Tensor"
+
+
+def test_quantize_without_eval_data_skips_perplexity(capsys, trained_dir, tmp_path):
+    out = tmp_path / "int8"
+    code, stdout, _ = run(capsys, *quantize_args(trained_dir, out, "eval_dataset=none"))
+    assert code == 0
+    assert json.loads((out / "quantization.json").read_text())["perplexity"] is None
+    assert "perplexity" not in stdout and "size on disk" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["scheme=int3_weight_only"], "scheme='int3_weight_only'"),
+        (["scheme=gptq_int4"], "set calibration_dataset"),
+        (["scheme=int4_weight_only", "group_size=256"], "group_size=256 does not divide"),
+        (["group_size=48"], "group_size=48 is not allowed"),
+    ],
+)
+def test_bad_input_is_one_error_line(capsys, trained_dir, tmp_path, extra, expected):
+    code, _, err = run(capsys, *quantize_args(trained_dir, tmp_path / "out", *extra))
+    assert code == 2
+    assert expected in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_scheme_suggests_the_close_one(capsys, trained_dir, tmp_path):
+    code, _, err = run(capsys, *quantize_args(trained_dir, tmp_path / "out", "scheme=int8_weightonly"))
+    assert code == 2
+    line = error_line(err)
+    assert "int8_weight_only" in line and "gptq_int4" in line
+
+
+def test_output_dir_that_holds_other_files_is_refused(capsys, trained_dir, tmp_path):
+    taken = tmp_path / "run"
+    taken.mkdir()
+    (taken / "metrics.jsonl").write_text("{}\n")
+    code, _, err = run(capsys, *quantize_args(trained_dir, taken))
+    assert code == 2
+    assert "is not a quantized checkpoint" in error_line(err)
+    assert (taken / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(capsys, trained_dir, tmp_path):
+    first = tmp_path / "q"
+    assert run(capsys, *quantize_args(trained_dir, first, "eval_dataset=none"))[0] == 0
+    code, _, err = run(capsys, *quantize_args(first, tmp_path / "again"))
+    assert code == 2
+    assert "already quantized (int8_weight_only)" in error_line(err)
+
+
+def test_requantizing_into_the_same_output_dir_replaces_it(capsys, trained_dir, tmp_path):
+    out = tmp_path / "q"
+    assert run(capsys, *quantize_args(trained_dir, out, "eval_dataset=none"))[0] == 0
+    assert run(capsys, *quantize_args(trained_dir, out, "eval_dataset=none", "scheme=int8_dynamic"))[0] == 0
+    assert json.loads((out / "quantization.json").read_text())["scheme"] == "int8_dynamic"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "quantization.json", "tokenizer.model"]
+    assert not list(tmp_path.glob(".q.*"))  # no temporary or moved-aside directory left behind

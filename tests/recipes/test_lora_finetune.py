@@ -1,0 +1,136 @@
+"""End-to-end tests of the LoRA recipe on the tiny model: only adapters train and the optimizer
+state is adapter-sized, outputs load in PEFT and transformers with our logits, DoRA and QLoRA
+train, resume is bit-exact after SIGKILL, and 2 processes follow 1."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.checkpointing import save_hf_checkpoint
+from finetune.models import model_args
+from finetune.params import LoraFinetuneParams, resolve_path
+from finetune.recipes.lora_finetune import LoraFinetuneRecipe
+from finetune.training.model_setup import initial_state_dict
+from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, train_losses, tune, wait_for
+
+ALL_MODULES = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}
+
+
+def params(tmp_path: Path, **overrides) -> LoraFinetuneParams:
+    return LoraFinetuneParams(**{**TINY, "lr": 3e-3, "output_dir": str(tmp_path / "out"), **overrides})
+
+
+def train(p: LoraFinetuneParams) -> LoraFinetuneRecipe:
+    recipe = LoraFinetuneRecipe(p)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> Path:
+    """A random tiny base model in HF format, as a user's downloaded checkpoint would be."""
+    directory = tmp_path_factory.mktemp("base")
+    args = model_args("tiny")
+    state = initial_state_dict(args, weights_dir=None, checkpoint_format="auto", dtype=torch.float32, seed=3)
+    save_hf_checkpoint(state, args, directory, tokenizer_files=[resolve_path(TINY["tokenizer_path"])])
+    return directory
+
+
+def test_only_adapters_train_and_optimizer_state_is_adapter_sized(tmp_path):
+    recipe = LoraFinetuneRecipe(
+        params(tmp_path, max_steps_per_epoch=15, batch_size=8, lr=1e-2, apply_lora_to_output=True, **ALL_MODULES)
+    )
+    recipe.setup()
+    before = {name: p.detach().clone() for name, p in recipe.model.named_parameters()}
+    trainable = {name for name, p in recipe.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_a." in n or ".lora_b." in n for n in trainable)
+    recipe.train()
+    recipe.cleanup()
+    for name, param in recipe.model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    adapter_elements = sum(before[name].numel() for name in trainable)
+    state_elements = sum(
+        t.numel() for s in recipe.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")
+    )
+    assert state_elements == 2 * adapter_elements
+    assert adapter_elements < 0.05 * sum(t.numel() for t in before.values())
+    losses = train_losses(tmp_path / "out")
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_outputs_load_in_peft_and_transformers_with_our_logits(tmp_path, hf_base, use_dora):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    p = params(
+        tmp_path, model="auto", checkpoint_dir=str(hf_base), tokenizer_path=None, max_steps_per_epoch=3,
+        use_dora=use_dora, apply_lora_to_output=True, **ALL_MODULES,
+    )
+    recipe = train(p)
+    step_dir = tmp_path / "out" / "step_3"
+    tokens = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = recipe.model.eval()(tokens)
+        base = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
+        with_adapter = peft.PeftModel.from_pretrained(base, step_dir).eval()
+        merged = transformers.AutoModelForCausalLM.from_pretrained(step_dir / "merged", dtype=torch.float32).eval()
+        assert (with_adapter(tokens).logits - ours).abs().max().item() <= 1e-5
+        assert (merged(tokens).logits - ours).abs().max().item() <= 1e-5
+        untrained = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32).eval()
+        assert (untrained(tokens).logits - ours).abs().max().item() > 1e-3  # the adapter did something
+
+
+def test_qlora_trains_with_a_4_bit_base(tmp_path):
+    from finetune import ao
+
+    recipe = LoraFinetuneRecipe(params(tmp_path, max_steps_per_epoch=12, batch_size=8, quantize_base=True, **ALL_MODULES))
+    recipe.setup()
+    bases = [m.weight for m in recipe.model.modules() if hasattr(m, "lora_a")]
+    assert bases and all(ao.is_nf4(w) for w in bases)
+    nf4_bytes = sum(ao.nf4_nbytes(w) for w in bases)
+    fp32_bytes = sum(w.numel() * 4 for w in bases)
+    assert nf4_bytes / fp32_bytes < 0.135  # 4 bits per weight plus block scales, against 32
+    recipe.train()
+    recipe.cleanup()
+    losses = train_losses(tmp_path / "out")
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
+    launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    run = as_argv(max_steps_per_epoch=4, epochs=2, save_every_n_steps=2, batch_size=2, lr=3e-3, use_dora="true",
+                  lora_dropout=0.1)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    result = tune(*launcher, "lora_finetune", *run, f"output_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    process = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", wait=False, start_new_session=True)
+    wait_for(interrupted / "step_4", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "step_8").exists(), "the run finished before it was killed"
+    result = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):
+        assert_same_tensors(reference / "step_8" / name, interrupted / "step_8" / name)
+    assert train_losses(reference)[-1] == train_losses(interrupted)[-1]
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process(tmp_path):
+    run = as_argv(max_steps_per_epoch=4, lr=3e-3, apply_lora_to_mlp="true")
+    one = tune("lora_finetune", *run, "batch_size=4", f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tune("--nproc_per_node", "2", "lora_finetune", *run, "batch_size=2", f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), strict=True):
+        assert abs(a - b) <= 1e-4
