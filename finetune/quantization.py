@@ -368,4 +368,5 @@ def load_quantized_model(
         )
     model.tie_weights()
     model.init_rope(device)
+    model.requires_grad_(False)  # for inference only: torchao's weights have no gradients
     return model.eval(), record

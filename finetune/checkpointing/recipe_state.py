@@ -136,3 +136,19 @@ def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None]) -
     else:
         log(f"resuming from {checkpoint}")
     return checkpoint
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) for this rank: same seed, same run.
+
+    Ranks get different streams (seed + rank) so their dropout masks differ; the data order
+    does not depend on this, it comes from the sampler's own seed.
+    """
+    seed = seed + rank
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)

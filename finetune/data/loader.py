@@ -59,8 +59,14 @@ def build_dataloader(
     collate_fn: Optional[Callable[[Sequence[Sample]], Batch]] = None,
     num_workers: int = 0,
     drop_last: bool = False,
+    seed: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader whose order comes from `sampler` alone (default collate pads with 0)."""
+    """A DataLoader whose order comes from `sampler` alone (default collate pads with 0).
+
+    Its own generator seeds the worker processes: starting an iterator would otherwise draw
+    from the global RNG, and a resumed run (which restores that RNG, then starts a fresh
+    iterator) would see different dropout masks from an uninterrupted one.
+    """
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -70,4 +76,5 @@ def build_dataloader(
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )

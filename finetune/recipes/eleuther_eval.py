@@ -256,7 +256,7 @@ class EleutherEvalRecipe:
                 hint = f"did you mean {', '.join(close)}? " if close else ""
                 where = " or in include_path" if include else " (add your own with include_path)"
                 raise UserError(
-                    f"task '{task}' is not an lm-eval task{where}; {hint}list them with `lm_eval ls tasks`"
+                    f"task '{task}' is not an lm-eval task{where}; {hint}list them with `lm-eval list tasks`"
                 )
         return manager
 

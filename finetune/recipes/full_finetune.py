@@ -26,6 +26,7 @@ from finetune.checkpointing.recipe_state import (
     restore_rng_state,
     rng_state_for_rank,
     save_recipe_state,
+    seed_everything,
 )
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
@@ -73,6 +74,7 @@ class FullFinetuneRecipe:
         self.rank_zero = self.dist.rank == 0
         self.device = resolve_device(p.device, self.dist.local_rank)
         self.dtype = resolve_run_dtype(p.dtype, self.device)
+        seed_everything(p.seed, self.dist.rank)
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)

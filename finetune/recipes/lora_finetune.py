@@ -29,6 +29,7 @@ from finetune.checkpointing.recipe_state import (
     restore_rng_state,
     rng_state_for_rank,
     save_recipe_state,
+    seed_everything,
 )
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
@@ -86,6 +87,7 @@ class LoraFinetuneRecipe:
         self.rank_zero = self.dist.rank == 0
         self.device = resolve_device(p.device, self.dist.local_rank)
         self.dtype = resolve_run_dtype(p.dtype, self.device)
+        seed_everything(p.seed, self.dist.rank)
         if p.quantize_base and self.dist.is_distributed:
             raise UserError("quantize_base=true (QLoRA) runs on one device; drop --nproc_per_node or set quantize_base=false")
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)

@@ -41,7 +41,7 @@ def build_data(
     )
     loader = build_dataloader(
         dataset, batch_size=params.batch_size, sampler=sampler, num_workers=params.num_workers,
-        collate_fn=partial(collate, pad_id=tokenizer.pad_id),
+        collate_fn=partial(collate, pad_id=tokenizer.pad_id), seed=params.seed,
     )
     return loader, sampler
 
