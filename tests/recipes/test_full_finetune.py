@@ -206,3 +206,83 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     saved = list(out.glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "model.safetensors").is_file()
     assert json.loads((out / "status.json").read_text())["last_checkpoint"] == str(saved[0])
+
+
+def test_compile_profile_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    recipe = run_in_process(params(
+        tmp_path, max_steps_per_epoch=3, compile=True, profile=True, profile_wait_steps=0,
+        profile_active_steps=1, metric_logger_type="tensorboard",
+    ))
+    assert all(layer._compiled_call_impl is not None for layer in recipe.model.layers)
+    assert len(train_losses(tmp_path / "out")) == 3
+    traces = list((tmp_path / "out" / "profile").glob("*.json"))
+    assert traces and "traceEvents" in traces[0].read_text()[:2000]
+    assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch, capsys):
+    def no_memory(self, micro_batches):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FullFinetuneRecipe, "accumulate_gradients", no_memory)
+    code = main(["finetune_llm", *as_argv(output_dir=tmp_path / "out", max_steps_per_epoch=2)])
+    assert code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: out of memory on cpu at the first step")
+    for knob in ("batch_size", "enable_activation_checkpointing=true", "enable_activation_offloading=true"):
+        assert knob in line
+
+
+SLOW_SAVE = """
+import sys, time
+import finetune.checkpointing.writers as writers
+original = writers.save_hf_checkpoint
+def slow(*args, **kwargs):
+    paths = original(*args, **kwargs)
+    time.sleep(30)  # the model is written, the rest of the checkpoint is not yet
+    return paths
+writers.save_hf_checkpoint = slow
+import finetune.checkpointing
+finetune.checkpointing.save_hf_checkpoint = slow
+from finetune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.recipes.helpers import REPO
+
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, "-m", "finetune.cli", "finetune_llm",
+                            *as_argv(output_dir=out, max_steps_per_epoch=2)], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = tensors(out / "step_2" / "model.safetensors")
+    process = subprocess.Popen(
+        [sys.executable, str(script), "finetune_llm",
+         *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 300
+    while not list(out.glob(".step_4.tmp-*/model.safetensors")):
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
+    after = tensors(out / "step_2" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # The half-written checkpoint is ignored; the run resumes from step 2.
+    again = subprocess.run([sys.executable, "-m", "finetune.cli", "finetune_llm",
+                            *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2)],
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr and str(out / "step_2") in again.stderr
+    assert (out / "step_4" / "model.safetensors").is_file()
