@@ -64,9 +64,12 @@ RECIPES: tuple[RecipeEntry, ...] = (
         ("tiny_lora", "llama2_7b_lora", "llama3_1_8b_lora", "llama3_1_8b_qlora", "llama3_2_1b_lora",
          "llama3_1_8b_lora_distributed"),
     ),
-    RecipeEntry("generate", "finetune.recipes.generate", "GenerateParams", ("alpaca_generate",), ("generation",)),
-    RecipeEntry("quantize", "finetune.recipes.quantize", "QuantizeParams", (), ("quantization",)),
-    RecipeEntry("eleuther_eval", "finetune.recipes.eleuther_eval", "EvalParams", (), ("eleuther_evaluation",)),
+    RecipeEntry("generate", "finetune.recipes.generate", "GenerateParams", ("alpaca_generate",),
+                ("generation", "llama2_7b_generation", "llama3_1_8b_generation")),
+    RecipeEntry("quantize", "finetune.recipes.quantize", "QuantizeParams", (),
+                ("quantization", "llama2_7b_quantization", "llama3_1_8b_quantization")),
+    RecipeEntry("eleuther_eval", "finetune.recipes.eleuther_eval", "EvalParams", (),
+                ("eleuther_evaluation", "llama2_7b_eleuther_evaluation", "llama3_1_8b_eleuther_evaluation")),
     RecipeEntry("dummy", "finetune.recipes.dummy", "FullFinetuneParams", (), ("tiny_full",)),
 )
 
@@ -378,12 +381,13 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
 
 
 def cmd_ls() -> int:
-    width = max(len(e.name) for e in RECIPES) + 2
-    print(f"{'RECIPE':<{width}}{'ALIASES':<60}CONFIGS")
+    rows = [("RECIPE", "ALIASES", "CONFIGS")]
     for entry in available_recipes():
-        aliases = ", ".join(entry.aliases) or "-"
-        configs = ", ".join(existing_configs(entry)) or "-"
-        print(f"{entry.name:<{width}}{aliases:<60}{configs}")
+        rows.append((entry.name, ", ".join(entry.aliases) or "-", ", ".join(existing_configs(entry)) or "-"))
+    name_width = max(len(r[0]) for r in rows) + 2
+    alias_width = max(len(r[1]) for r in rows) + 2
+    for name, aliases, configs in rows:
+        print(f"{name:<{name_width}}{aliases:<{alias_width}}{configs}")
     return 0
 
 

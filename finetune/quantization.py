@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finetune import ao
-from finetune.checkpointing.formats import hf_weight_files, meta_weight_files
+from finetune.checkpointing.formats import detect_format, hf_weight_files, meta_weight_files
 from finetune.checkpointing.key_mapping import from_hf_name, to_hf_name
 from finetune.checkpointing.model_configs import HF_CONFIG, hf_config_from_model_args, model_args_from_hf_config, read_json
 from finetune.checkpointing.safetensors_io import iter_safetensors, save_safetensors
@@ -34,6 +34,7 @@ from finetune.checkpointing.writers import copy_tokenizer_files
 from finetune.data import IGNORE_INDEX, collate
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
+from finetune.params import GROUP_SIZES
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only", "gptq_int4")
 GROUPED_SCHEMES = ("int4_weight_only", "gptq_int4")
@@ -66,16 +67,22 @@ def linears_to_quantize(model: TransformerDecoder) -> list[str]:
 
 
 def check_group_size(model: TransformerDecoder, names: Sequence[str], group_size: int) -> None:
+    widths = sorted({model.get_submodule(name).in_features for name in names})
     for name in names:
         in_features = model.get_submodule(name).in_features
         if in_features % group_size:
-            divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0 and all(
-                model.get_submodule(n).in_features % g == 0 for n in names)]
+            fitting = [str(g) for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
             raise UserError(
                 f"group_size={group_size} does not divide the {in_features} input features of layer {name}; "
                 f"use a group size that divides every layer's input width"
-                + (f", e.g. {', '.join(map(str, divisors))}" if divisors else "")
+                + (f": {', '.join(fitting)}" if fitting else "")
             )
+
+
+def check_scheme_device(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Combinations torchao cannot run, caught before any weight is read."""
+    if scheme == "int4_weight_only" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise UserError("int4_weight_only on a GPU runs torchao's tinygemm kernel, which needs bf16 weights; set dtype=bf16")
 
 
 def quantize_model(
@@ -102,8 +109,7 @@ def quantize_model(
         gptq_quantize_(model, calibration, names, group_size=group_size, percdamp=percdamp, log=log)
         return names
     device = model.tok_embeddings.weight.device
-    if scheme == "int4_weight_only" and device.type == "cuda" and model.tok_embeddings.weight.dtype != torch.bfloat16:
-        raise UserError("int4_weight_only on a GPU runs torchao's tinygemm kernel, which needs bf16 weights; set dtype=bf16")
+    check_scheme_device(scheme, device, model.tok_embeddings.weight.dtype)
     wanted = set(names)
     ao.quantize_modules_(model, ao.ptq_config(scheme, group_size, device), lambda module, fqn: fqn in wanted)
     return names
@@ -182,18 +188,17 @@ def gptq_quantize_(
     """GPTQ one decoder layer at a time: each layer is calibrated on the outputs of the layers
     before it *after* they were quantized, so later layers learn to absorb earlier errors.
     Samples run one at a time: no padding reaches the Hessians."""
-    wanted = set(names)
     hidden = [model.tok_embeddings(tokens[None]) for tokens in calibration]
     ropes = [model.rope(torch.arange(len(t), device=t.device)[None], h.dtype) for t, h in zip(calibration, hidden)]
     for index, layer in enumerate(tqdm(model.layers, desc="gptq", disable=log is None)):
-        layer_names = [n for n in wanted if n.startswith(f"layers.{index}.")]
+        layer_names = [n for n in names if n.startswith(f"layers.{index}.")]
         for name in layer_names:
             ao.gptq_observe_(model.get_submodule(name))
         for h, rope in zip(hidden, ropes):
             layer(h, rope)
         _gptq_convert_(model, layer_names, group_size, percdamp)
         hidden = [layer(h, rope) for h, rope in zip(hidden, ropes)]
-    if "output" in wanted:
+    if "output" in names:
         ao.gptq_observe_(model.output)
         for h in hidden:
             model.output(model.norm(h))
@@ -232,17 +237,15 @@ def weights_size(directory: Union[str, Path]) -> int:
     directory = Path(directory)
     if is_quantized_checkpoint(directory):
         return (directory / WEIGHTS_FILE).stat().st_size
-    if (directory / HF_CONFIG).is_file() or any(directory.glob("*.safetensors")):
-        return sum(p.stat().st_size for p in hf_weight_files(directory))
-    return sum(p.stat().st_size for p in meta_weight_files(directory))
+    files = hf_weight_files(directory) if detect_format(directory) == "hf" else meta_weight_files(directory)
+    return sum(p.stat().st_size for p in files)
 
 
 def format_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
+    if n < 1024:
+        return f"{n} B"
+    size, unit = next((n / 1024**k, u) for k, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k)
+    return f"{size:.1f} {unit}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,7 +106,10 @@ class HarnessModel(_HarnessLM):
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [self.encode_pair(*request.args) for request in requests]
-        return self.score(pairs, disable_tqdm=disable_tqdm)
+        results = self.score(pairs, disable_tqdm=disable_tqdm)
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
 
     def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -161,15 +164,14 @@ class HarnessModel(_HarnessLM):
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)
         for each (context ids, continuation ids) pair. Contexts too long for max_seq_len lose
         their oldest tokens."""
-        results: list[Optional[tuple[float, bool]]] = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        # An empty continuation is certain: log 1 = 0, and greedy decoding trivially "produces" it.
+        results: list[Optional[tuple[float, bool]]] = [None if pair[1] else (0.0, True) for pair in pairs]
+        order = sorted((i for i, pair in enumerate(pairs) if pair[1]), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         for start in tqdm(range(0, len(order), self.batch_size), desc="loglikelihood", disable=disable_tqdm):
             batch = order[start : start + self.batch_size]
             rows = []
             for i in batch:
                 context, continuation = pairs[i]
-                if not continuation:
-                    raise ValueError("an lm-eval request has an empty continuation")
                 if len(continuation) > self.max_seq_len:
                     raise UserError(
                         f"a continuation has {len(continuation)} tokens, more than max_seq_len={self.max_seq_len}; "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -25,6 +24,8 @@ from finetune.errors import UserError
 from finetune.models import ModelArgs, model_args, num_params
 from finetune.params import QuantizeParams, resolve_path
 from finetune.quantization import (
+    GROUPED_SCHEMES,
+    check_scheme_device,
     format_bytes,
     is_quantized_checkpoint,
     perplexity,
@@ -62,6 +63,7 @@ class QuantizeRecipe:
             raise UserError(
                 f"checkpoint_dir {self.checkpoint_dir} is already quantized ({scheme}); quantize the original checkpoint instead"
             )
+        check_scheme_device(p.scheme, self.device, self.dtype)
         self.output_dir = resolve_path(p.output_dir)
         self._check_output_dir()
         self.model_args = self._model_args()
@@ -145,7 +147,7 @@ class QuantizeRecipe:
         self.log(f"quantized {len(layers)} linear layers with {p.scheme} in {time.perf_counter() - started:.1f} s")
         after = self._perplexity(model, "after")
 
-        grouped = p.scheme in ("int4_weight_only", "gptq_int4")
+        grouped = p.scheme in GROUPED_SCHEMES
         record: dict[str, Any] = {
             "scheme": p.scheme,
             "group_size": p.group_size if grouped else None,

@@ -2,7 +2,6 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from finetune import ao
 from finetune.checkpointing import load_model
 from finetune.data import build_dataset
+from finetune.models import ModelArgs, build_model
 from finetune.models.generation import generate
 from finetune.quantization import (
     WEIGHTS_FILE,
@@ -213,3 +213,19 @@ def test_gptq_runs_on_gpu(trained_dir, tokenizer):
     heldout = heldout_samples(tokenizer, 16)
     ppl, _ = perplexity(model, heldout, batch_size=8, pad_id=tokenizer.pad_id)
     assert ppl < 15
+
+
+def test_tied_embeddings_stay_tied_and_full_precision(tmp_path, tokenizer):
+    """Llama 3.2 shares the embedding with the output head: the head is left unquantized so the
+    embedding lookup keeps exact weights, and the reload ties them again."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(vocab_size=512, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                                  max_seq_len=64, tie_embeddings=True)).eval()
+    names = quantize_model(model, "int8_weight_only", group_size=GROUP_SIZE)
+    assert "output" not in names and len(names) == 7
+    out = save_quantized_checkpoint(model, tmp_path / "tied", {"scheme": "int8_weight_only", "group_size": None})
+    reloaded, _ = load_quantized_model(out)
+    assert reloaded.output.weight is reloaded.tok_embeddings.weight
+    tokens = torch.tensor([[1, 7, 9, 30]])
+    with torch.inference_mode():
+        assert torch.equal(reloaded(tokens), model(tokens))
