@@ -260,3 +260,16 @@ def read_model_args(checkpoint_dir: PathLike, checkpoint_format: str = "auto") -
     params = read_json(path)
     vocab_size, tied = inspect_meta_weights(directory, params.get("dim"))
     return model_args_from_meta_params(params, path, vocab_size, tied)
+
+
+def resolve_model_args(model: str, checkpoint_dir: Optional[PathLike], checkpoint_format: str = "auto") -> ModelArgs:
+    """The architecture of a run: a registry name, or "auto" = read from the checkpoint's config."""
+    from finetune.models import model_args
+
+    if model == "auto":
+        if checkpoint_dir is None:
+            raise UserError("model=auto reads the architecture from the checkpoint, so set checkpoint_dir")
+        return read_model_args(checkpoint_dir, checkpoint_format)
+    if checkpoint_dir is not None and not Path(checkpoint_dir).exists():
+        raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; check checkpoint_dir")
+    return model_args(model)

@@ -21,16 +21,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from finetune.checkpointing import load_model, read_model_args
+from finetune.checkpointing import load_model
 from finetune.checkpointing.peft import apply_lora_settings, load_peft_adapter
+from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
-from finetune.models import ModelArgs, TransformerDecoder, model_args, num_params
+from finetune.models import TransformerDecoder, num_params
 from finetune.models.generation import TextStream, generate
 from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import EvalParams, resolve_path
 from finetune.quantization import is_quantized_checkpoint, load_quantized_model
-from finetune.tokenizers import Tokenizer, load_tokenizer
+from finetune.tokenizers import Tokenizer
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype
 
@@ -227,8 +229,11 @@ class EleutherEvalRecipe:
         self.device = resolve_device(p.device)
         self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
         checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
-        self.model_args = self._model_args(checkpoint_dir)
-        self.tokenizer = self._load_tokenizer(resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir)
+        self.model_args = resolve_model_args(p.model, checkpoint_dir, p.checkpoint_format)
+        self.tokenizer = load_tokenizer_for_model(
+            resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir,
+            self.model_args.family, self.model_args.vocab_size,
+        )
         self.model = self._load_model(checkpoint_dir)
         self.harness_model = HarnessModel(
             self.model, self.tokenizer, batch_size=p.batch_size, max_seq_len=p.max_seq_len, max_gen_toks=p.max_gen_toks
@@ -261,24 +266,6 @@ class EleutherEvalRecipe:
                     f"task '{task}' is not an lm-eval task{where}; {hint}list them with `lm-eval list tasks`"
                 )
         return manager
-
-    def _model_args(self, checkpoint_dir: Path) -> ModelArgs:
-        if self.params.model == "auto":
-            return read_model_args(checkpoint_dir, self.params.checkpoint_format)
-        if not checkpoint_dir.exists():
-            raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; check checkpoint_dir")
-        return model_args(self.params.model)
-
-    def _load_tokenizer(self, path: Path) -> Tokenizer:
-        # Only a 128k vocabulary pins the family down; small models may pair with either kind.
-        family = self.model_args.family if self.model_args.family == "llama3" else None
-        tokenizer = load_tokenizer(path, family=family)
-        if tokenizer.vocab_size > self.model_args.vocab_size:
-            raise UserError(
-                f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_args.vocab_size}; "
-                "use the tokenizer that ships with the checkpoint"
-            )
-        return tokenizer
 
     def _load_model(self, checkpoint_dir: Path) -> TransformerDecoder:
         p = self.params

@@ -18,17 +18,19 @@ from typing import Any, Optional, Sequence, TextIO
 
 import torch
 
-from finetune.checkpointing import load_model, read_model_args
+from finetune.checkpointing import load_model
 from finetune.checkpointing.peft import apply_lora_settings, load_peft_adapter
+from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
 from finetune.errors import UserError
-from finetune.models import ModelArgs, model_args, num_params
+from finetune.models import num_params
 from finetune.models.generation import TextStream, generate
 from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import GenerateParams, resolve_path
 from finetune.quantization import is_quantized_checkpoint, load_quantized_model
-from finetune.tokenizers import Message, Tokenizer, load_tokenizer
+from finetune.tokenizers import Message
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype
 
@@ -62,8 +64,11 @@ class GenerateRecipe:
         self.device = resolve_device(p.device)
         self.dtype = resolve_dtype(self._dtype_name(), self.device)
         checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
-        self.model_args = self._model_args(checkpoint_dir)
-        self.tokenizer = self._load_tokenizer(resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir)
+        self.model_args = resolve_model_args(p.model, checkpoint_dir, p.checkpoint_format)
+        self.tokenizer = load_tokenizer_for_model(
+            resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir,
+            self.model_args.family, self.model_args.vocab_size,
+        )
         self.template = None if p.chat or p.template == "none" else get_template(p.template)
         self.log(f"prompt format: {self._describe_format()}")
         self.prompts = self._read_prompts()
@@ -98,26 +103,6 @@ class GenerateRecipe:
             return self.params.dtype
         # bf16 matmuls are emulated and many times slower on CPUs.
         return "bf16" if self.device.type == "cuda" else "fp32"
-
-    def _model_args(self, checkpoint_dir: Path) -> ModelArgs:
-        if self.params.model == "auto":
-            return read_model_args(checkpoint_dir, self.params.checkpoint_format)
-        if not checkpoint_dir.exists():
-            raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; check checkpoint_dir")
-        return model_args(self.params.model)
-
-    def _load_tokenizer(self, path: Path) -> Tokenizer:
-        # A checkpoint's family is inferred from its vocabulary size, and only a 128k vocabulary
-        # pins it down; small custom models may pair with either tokenizer kind. Any tokenizer
-        # must fit the model's vocabulary, though.
-        family = self.model_args.family if self.model_args.family == "llama3" else None
-        tokenizer = load_tokenizer(path, family=family)
-        if tokenizer.vocab_size > self.model_args.vocab_size:
-            raise UserError(
-                f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {self.model_args.vocab_size}; "
-                "use the tokenizer that ships with the checkpoint"
-            )
-        return tokenizer
 
     def _apply_adapter(self, adapter: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
         """Wrap the adapted linears in LoRA modules holding the adapter's weights (kept unmerged,

@@ -31,6 +31,8 @@ from finetune.checkpointing.recipe_state import (
     save_recipe_state,
     seed_everything,
 )
+from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.models import TransformerDecoder, num_params
@@ -44,7 +46,6 @@ from finetune.models.lora import (
 )
 from finetune.params import LoraFinetuneParams, resolve_path
 from finetune.recipes import run_recipe
-from finetune.tokenizers import load_tokenizer
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.data_setup import build_data, steps_per_epoch
 from finetune.training.distributed import barrier, destroy_distributed, init_distributed, resolve_device
@@ -53,7 +54,7 @@ from finetune.training.guards import check_finite_loss, out_of_memory_error
 from finetune.training.lr_schedule import build_lr_scheduler
 from finetune.training.memory import peak_memory_gb
 from finetune.training.metrics import build_metric_loggers
-from finetune.training.model_setup import build_on_cpu, initial_state_dict, prepare_model, resolve_model_args
+from finetune.training.model_setup import build_on_cpu, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
 from finetune.training.optim import build_optimizer, clip_grad_norm
 from finetune.training.precision import resolve_run_dtype
@@ -97,11 +98,11 @@ class LoraFinetuneRecipe:
             self.log(str(p))
 
         resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
-        self.model_args = resolve_model_args(p.model, p.checkpoint_dir)
+        self.model_args = resolve_model_args(p.model, resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
         self.model = self._setup_model(resume_dir)
         self.trainable_params = [param for param in self.model.parameters() if param.requires_grad]
         self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
-        self.tokenizer = load_tokenizer(self.tokenizer_path, family=self.model_args.family)
+        self.tokenizer = load_tokenizer_for_model(self.tokenizer_path, self.model_args.family, self.model_args.vocab_size)
         self.train_loader, self.sampler = build_data(
             p, self.tokenizer, self.dist, source=p.dataset, split=p.split, shuffle=p.shuffle, log=self.log
         )

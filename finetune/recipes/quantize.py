@@ -16,12 +16,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from finetune.checkpointing import load_model, read_model_args
+from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_directory
+from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
-from finetune.models import ModelArgs, model_args, num_params
+from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
 from finetune.quantization import (
     GROUPED_SCHEMES,
@@ -34,7 +36,6 @@ from finetune.quantization import (
     save_quantized_checkpoint,
     weights_size,
 )
-from finetune.tokenizers import Tokenizer, load_tokenizer
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype
@@ -66,9 +67,11 @@ class QuantizeRecipe:
         check_scheme_device(p.scheme, self.device, self.dtype)
         self.output_dir = resolve_path(p.output_dir)
         self._check_output_dir()
-        self.model_args = self._model_args()
+        self.model_args = resolve_model_args(self.params.model, self.checkpoint_dir, self.params.checkpoint_format)
         self.tokenizer_file = resolve_tokenizer_path(resolve_path(p.tokenizer_path) if p.tokenizer_path else self.checkpoint_dir)
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = load_tokenizer_for_model(
+            self.tokenizer_file, self.model_args.family, self.model_args.vocab_size
+        )
         self.eval_samples = self._eval_samples()
         self.calibration = self._calibration_samples()
 
@@ -79,24 +82,6 @@ class QuantizeRecipe:
             raise UserError(
                 f"output_dir {out} exists and is not a quantized checkpoint; choose a new directory or delete it"
             )
-
-    def _model_args(self) -> ModelArgs:
-        if self.params.model == "auto":
-            return read_model_args(self.checkpoint_dir, self.params.checkpoint_format)
-        if not self.checkpoint_dir.exists():
-            raise UserError(f"checkpoint directory {self.checkpoint_dir} does not exist; check checkpoint_dir")
-        return model_args(self.params.model)
-
-    def _load_tokenizer(self) -> Tokenizer:
-        # Only a 128k vocabulary pins the family down; small models may pair with either kind.
-        family = self.model_args.family if self.model_args.family == "llama3" else None
-        tokenizer = load_tokenizer(self.tokenizer_file, family=family)
-        if tokenizer.vocab_size > self.model_args.vocab_size:
-            raise UserError(
-                f"tokenizer {self.tokenizer_file} has {tokenizer.vocab_size} tokens but the model only "
-                f"{self.model_args.vocab_size}; use the tokenizer that ships with the checkpoint"
-            )
-        return tokenizer
 
     def _dataset(self, source: str, train_on_input: bool) -> Any:
         p = self.params

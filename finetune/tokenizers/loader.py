@@ -89,3 +89,19 @@ def load_tokenizer(path: Union[str, Path], family: Optional[str] = None) -> Toke
     if kind == "llama3":
         return TikTokenTokenizer(file, data=data)
     return SentencePieceTokenizer(file, data=data)
+
+
+def load_tokenizer_for_model(path: Union[str, Path], family: str, vocab_size: int) -> Tokenizer:
+    """The tokenizer at `path`, checked against the model it will feed.
+
+    A model's family is inferred from its vocabulary size, and only Llama 3's 128k vocabulary
+    pins it down: small custom models may pair with either tokenizer kind. Any tokenizer must
+    fit the model's vocabulary, though.
+    """
+    tokenizer = load_tokenizer(path, family=family if family == "llama3" else None)
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
+            "use the tokenizer that ships with the checkpoint"
+        )
+    return tokenizer

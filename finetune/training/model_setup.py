@@ -17,21 +17,12 @@ import torch
 from torch import nn
 
 from finetune.errors import UserError
-from finetune.models import ModelArgs, TransformerDecoder, model_args, model_args_from_checkpoint
-from finetune.params import resolve_path
+from finetune.models import ModelArgs, TransformerDecoder
 from finetune.training.activations import apply_activation_checkpointing
 from finetune.training.distributed import DistInfo
 from finetune.training.fsdp import load_full_model_state_dict, shard_model
 
 ModuleHook = Callable[[nn.Module], None]
-
-
-def resolve_model_args(model: str, checkpoint_dir: Optional[str]) -> ModelArgs:
-    """The architecture: a registry name, or `auto` = read from the checkpoint's config."""
-    if model == "auto":
-        assert checkpoint_dir is not None  # params validation guarantees it
-        return model_args_from_checkpoint(resolve_path(checkpoint_dir))
-    return model_args(model)
 
 
 def initial_state_dict(
