@@ -19,16 +19,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_demo_files_exist_and_are_small() -> None:
-    assert sum(demo_path(name).stat().st_size for name in FILES) < 1_000_000
+    assert sum(demo_path(name).stat().st_size for name in FILES) < 2_500_000
     with pytest.raises(UserError, match="generate it with python -m finetune.data.demo.make_demo_data"):
         demo_path("missing.jsonl")
 
 
 def test_demo_records_are_disjoint_and_correct() -> None:
     train, heldout = read_jsonl(demo_path("train.jsonl")), read_jsonl(demo_path("heldout.jsonl"))
-    assert (len(train), len(heldout)) == (3000, 200)
+    assert (len(train), len(heldout)) == (18039, 200)
     keys = {(r["instruction"], r["input"]) for r in train}
-    assert len(keys) == 3000
+    assert len(keys) == 18039
     assert not keys & {(r["instruction"], r["input"]) for r in heldout}
     checked = 0
     for r in train + heldout:

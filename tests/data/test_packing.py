@@ -170,4 +170,10 @@ def test_build_dataset_packed(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
         f"packed 200 samples into {len(packed)} rows of 64 tokens; packing efficiency "
         f"{packed.efficiency:.1%} (non-pad tokens / all tokens)"
     )
-    assert packed.efficiency > 0.85
+    unpacked = build_dataset(
+        str(demo_path("heldout.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
+        max_seq_len=64, template="plain",
+    )
+    real_tokens = sum(len(unpacked[i]["tokens"]) for i in range(len(unpacked)))
+    assert packed.efficiency == real_tokens / (64 * len(packed))
+    assert packed.efficiency > 0.8  # greedy packing of short samples wastes little

@@ -2,7 +2,7 @@
 
     python -m finetune.data.demo.make_demo_data [--out DIR]
 
-Writes `train.jsonl` (3000 alpaca-format records), `heldout.jsonl` (200 records none of
+Writes `train.jsonl` (18039 alpaca-format records), `heldout.jsonl` (200 records none of
 which appear in train) and `tokenizer.model` (SentencePiece BPE, exactly 512 pieces).
 The tasks are small and rule-based (adding numbers, picking the larger one, reversing and
 sorting words, unit conversions, counting) so that a model of a few million parameters
@@ -82,15 +82,15 @@ def count_up() -> Iterator[Record]:
             yield _record(f"Count from {start} to {start + length - 1}.", "", numbers)
 
 
-# How many records each task contributes (train and held-out together); each task's pool is
-# larger than its share, so no record repeats.
+# How many records each task contributes (train and held-out together); no share exceeds its
+# task's pool, so no record repeats.
 TASKS: tuple[tuple[Callable[[], Iterator[Record]], int], ...] = (
-    (add_numbers, 750),
-    (larger_number, 530),
-    (reverse_words, 640),
-    (sort_words, 640),
-    (convert_units, 420),
-    (count_up, 220),
+    (add_numbers, 2500),
+    (larger_number, 5000),
+    (reverse_words, 5000),
+    (sort_words, 5000),
+    (convert_units, 495),
+    (count_up, 244),
 )
 
 
