@@ -205,7 +205,8 @@ class LoraFinetuneRecipe:
             raise out_of_memory_error(self.global_step, self.device) from exc
         finally:
             progress.close()
-        if self.eval_loader is not None:
+        evaluated_last_step = bool(p.eval_every_n_steps) and self.global_step % p.eval_every_n_steps == 0
+        if self.eval_loader is not None and not evaluated_last_step:
             self._log_metrics({"eval_loss": self.evaluate()})
         self.monitor.finish()
 

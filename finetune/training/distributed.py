@@ -37,7 +37,7 @@ def _env_int(name: str, default: int) -> int:
 def init_distributed(device_kind: str, *, timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group described by torchrun's env vars (gloo on CPU, nccl on CUDA)."""
     world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
+    _env_int("RANK", 0)  # a malformed RANK fails here with a clear message, before any collective
     local_rank = _env_int("LOCAL_RANK", 0)
     if world_size <= 1:
         return DistInfo(rank=0, world_size=1, local_rank=0, is_distributed=False)
