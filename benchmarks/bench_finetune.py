@@ -151,6 +151,11 @@ class RunConfig:
     device: str
     dtype: str
     lora: LoraSpec = LoraSpec()
+    activation_checkpointing: bool = False
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
 
     @property
     def total_steps(self) -> int:
@@ -163,7 +168,7 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        return 3e-4 if self.method == "lora" else 2e-5
+        return 3e-4 if self.is_lora else 2e-5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,15 +248,18 @@ def write_dataset(path: Path, num_records: int, seq_len: int, seed: int) -> None
             f.write(json.dumps(record) + "\n")
 
 
-def write_checkpoint(spec: ModelSpec, tokenizer: Path, out_dir: Path, dtype: torch.dtype) -> list[str]:
-    """Seeded random weights in HF format; returns the safetensors file names."""
+def write_checkpoint(spec: ModelSpec, tokenizer: Path, out_dir: Path, dtype: torch.dtype, device: str) -> list[str]:
+    """Seeded random weights in HF format; returns the safetensors file names. Initialised on the
+    benchmark's device (an 8B model initialises in seconds on a GPU, minutes on CPU)."""
     from finetune.checkpointing import save_hf_checkpoint
 
     if not (out_dir / "config.json").exists():
         torch.manual_seed(SEED)
-        model = build_model(spec.args, dtype=dtype)
-        save_hf_checkpoint(model.state_dict(), spec.args, out_dir, tokenizer_files=[tokenizer])
+        model = build_model(spec.args, dtype=dtype, device=device)
+        state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
         del model
+        save_hf_checkpoint(state, spec.args, out_dir, tokenizer_files=[tokenizer])
+        del state
     return sorted(p.name for p in out_dir.glob("*.safetensors"))
 
 
@@ -319,33 +327,37 @@ def our_config(cfg: RunConfig, ckpt: Path, tokenizer: Path, data: Path, out: Pat
         "epochs": 1, "max_steps_per_epoch": cfg.total_steps, "gradient_accumulation_steps": 1,
         "optimizer": "adamw", "lr": cfg.lr, "weight_decay": 0.01, "lr_scheduler": "cosine",
         "warmup_steps": 0, "clip_grad_norm": 1.0, "device": cfg.device, "dtype": cfg.dtype,
-        "enable_activation_checkpointing": False, "enable_activation_offloading": False,
+        "enable_activation_checkpointing": cfg.activation_checkpointing, "enable_activation_offloading": False,
         "compile": False, "loss_chunks": 8, "output_dir": str(out), "log_every_n_steps": 1,
     }
-    if cfg.method == "lora":
+    if cfg.is_lora:
         config.update(
             lora_attn_modules=list(cfg.lora.modules), apply_lora_to_mlp=cfg.lora.mlp,
             apply_lora_to_output=cfg.lora.output, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-            lora_dropout=0.0,
+            lora_dropout=0.0, quantize_base=cfg.method == "qlora",
         )
     return config
 
 
 def torchtune_model(cfg: RunConfig) -> dict[str, Any]:
     spec, a = cfg.spec, cfg.spec.args
-    lora = cfg.method == "lora"
+    lora = cfg.is_lora
+    prefix = {"full": "", "lora": "lora_", "qlora": "qlora_"}[cfg.method]
     if spec.torchtune_builder is not None:
         module, _, fn = spec.torchtune_builder.rpartition(".")
-        model: dict[str, Any] = {"_component_": f"{module}.{'lora_' + fn if lora else fn}"}
+        model: dict[str, Any] = {"_component_": f"{module}.{prefix}{fn}"}
     else:
         model = {
-            "_component_": "torchtune.models.llama2.lora_llama2" if lora else "torchtune.models.llama2.llama2",
+            # The generic builder has no qlora_ variant: its LoRA builder takes quantize_base.
+            "_component_": f"torchtune.models.llama2.{'lora_' if lora else ''}llama2",
             "vocab_size": a.vocab_size, "num_layers": a.n_layers, "num_heads": a.n_heads,
             "num_kv_heads": a.n_kv_heads, "embed_dim": a.dim, "max_seq_len": a.max_seq_len,
             "intermediate_dim": a.hidden_dim, "norm_eps": a.norm_eps,
         }
         if not lora:
             model["rope_base"] = a.rope_theta
+        if cfg.method == "qlora":
+            model["quantize_base"] = True
     if lora:
         model.update(
             lora_attn_modules=list(cfg.lora.modules), apply_lora_to_mlp=cfg.lora.mlp,
@@ -392,7 +404,7 @@ def torchtune_config(
         "optimizer_in_bwd": False, "clip_grad_norm": 1.0,
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss", "num_output_chunks": 8},
         "compile": False, "device": cfg.device, "dtype": cfg.dtype,
-        "enable_activation_checkpointing": False, "enable_activation_offloading": False,
+        "enable_activation_checkpointing": cfg.activation_checkpointing, "enable_activation_offloading": False,
         "metric_logger": {
             "_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs"),
             "filename": "log.txt",
@@ -400,7 +412,7 @@ def torchtune_config(
         "log_every_n_steps": 1, "log_peak_memory_stats": on_gpu,
         "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},
     }
-    if cfg.method == "lora":
+    if cfg.is_lora:
         # Ours writes the adapter and the merged model; so does torchtune with this off.
         config["save_adapter_weights_only"] = False
     return config
@@ -559,7 +571,7 @@ def lora_params(cfg: RunConfig) -> int:
 def flops_per_token(cfg: RunConfig) -> float:
     a = cfg.spec.args
     attention = 12 * a.n_layers * a.dim * cfg.seq_len
-    if cfg.method == "lora":
+    if cfg.is_lora:
         return 4 * matmul_params(a) + 6 * lora_params(cfg) + attention
     return 6 * matmul_params(a) + attention
 
@@ -654,7 +666,7 @@ def markdown_report(
         f"vocab {a.vocab_size}: {total_params(a) / 1e6:.1f}M parameters, {matmul_params(a) / 1e6:.1f}M in matmuls; "
         f"{flops_per_token(cfg) / 1e6:.1f} MFLOP per token"
         + (f"; LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.modules)}, {lora_params(cfg) / 1e6:.2f}M adapter parameters"
-           if cfg.method == "lora" else ""),
+           if cfg.is_lora else ""),
         f"- {cfg.warmup_steps} warm-up step(s) excluded, {cfg.timed_steps} timed steps per run, "
         f"{len(next(iter(summaries.values())).runs)} run(s) per library, alternating; medians shown",
         "",
@@ -713,7 +725,7 @@ def append_docs(path: Path, section: str) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=("tiny", "100m", "llama3_2_1b", "llama3_1_8b"))
-    p.add_argument("--method", default="full", choices=("full", "lora"))
+    p.add_argument("--method", default="full", choices=("full", "lora", "qlora"))
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per run")
@@ -722,6 +734,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--activation-checkpointing", action="store_true", help="both libraries recompute each layer")
     p.add_argument("--threads", type=int, help="OMP/MKL threads for every training process (default: torch's)")
     p.add_argument("--torchtune-python", help="python of a venv with torchtune (benchmarks/setup_torchtune.sh)")
     p.add_argument("--skip-ours", action="store_true", help="only run torchtune")
@@ -761,12 +774,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = ("bf16" if device == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
     spec = model_spec(args.model)
     cfg = RunConfig(spec, args.method, args.batch_size, args.seq_len, args.warmup_steps, args.steps, device, dtype,
-                    LoraSpec(rank=args.lora_rank))
+                    LoraSpec(rank=args.lora_rank), args.activation_checkpointing)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     work = args.work_dir / spec.name
     work.mkdir(parents=True, exist_ok=True)
-    cell = work / (f"{cfg.method}_b{cfg.batch_size}_s{cfg.seq_len}" + "".join(f"_{o}" for o in args.ours_set))
+    cell = work / (f"{cfg.method}_b{cfg.batch_size}_s{cfg.seq_len}" + ("_ac" if cfg.activation_checkpointing else "")
+                   + "".join(f"_{o}" for o in args.ours_set))
     cell.mkdir(exist_ok=True)
     env = child_env(work, args.threads)
     if args.threads:
@@ -776,21 +790,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = cell / "train.jsonl"
     write_dataset(data, num_records=cfg.batch_size * cfg.total_steps + cfg.batch_size, seq_len=cfg.seq_len, seed=SEED)
     ckpt = work / f"checkpoint_{dtype}"
-    files = write_checkpoint(spec, tokenizer, ckpt, torch_dtype)
+    files = write_checkpoint(spec, tokenizer, ckpt, torch_dtype, device)
 
     commands: dict[str, list[str]] = {}
     readers: dict[str, Callable[[Path], list[StepLog]]] = {}
     library_tokens: dict[str, int] = {}
     if not args.skip_ours:
         check_our_dataset(cfg, data, tokenizer)
-        recipe = "lora_finetune" if cfg.method == "lora" else "full_finetune"
+        recipe = "lora_finetune" if cfg.is_lora else "full_finetune"
         commands["ours"] = [sys.executable, "-m", "finetune.cli", recipe, "--config"]
         readers["ours"] = lambda out: read_our_steps(out / "metrics.jsonl")
         library_tokens["ours"] = cfg.tokens_per_step  # non-pad tokens, no padding here
     if args.torchtune_python:
         tt_probe = write_yaml(cell / "torchtune_probe.yaml", torchtune_config(cfg, ckpt, files, tokenizer, data, cell / "probe"))
         trained = check_torchtune_dataset(cfg, args.torchtune_python, tt_probe, env)
-        recipe = "lora_finetune_single_device" if cfg.method == "lora" else "full_finetune_single_device"
+        recipe = "lora_finetune_single_device" if cfg.is_lora else "full_finetune_single_device"
         commands["torchtune"] = [args.torchtune_python, "-m", "torchtune._cli.tune", "run", recipe, "--config"]
         readers["torchtune"] = lambda out: read_torchtune_steps(out / "logs" / "log.txt")
         library_tokens["torchtune"] = cfg.batch_size * trained

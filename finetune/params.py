@@ -183,7 +183,9 @@ class FullFinetuneParams(ParamsIO):
     cpu_offload: bool = param(False, "FSDP: keep parameters, grads and optimizer state on CPU")
     reshard_after_forward: bool = param(True, "FSDP: free gathered weights after forward")
     compile: bool = param(False, "torch.compile each decoder layer")
-    loss_chunks: int = param(8, "chunks for the cross-entropy, so fp32 logits never exist whole")
+    loss_chunks: int = param(
+        0, "chunks for the cross-entropy, so fp32 logits never exist whole; 0 = auto (each chunk's fp32 logits under 256 MiB)"
+    )
     # Output
     output_dir: str = param("output", "where checkpoints, metrics and status.json go")
     resume_from_checkpoint: bool = param(False, "continue from the newest complete checkpoint")
@@ -213,9 +215,9 @@ class FullFinetuneParams(ParamsIO):
             "tokenizer_path is required when checkpoint_dir is not set (no tokenizer to find)",
         )
         for name in ("max_seq_len", "batch_size", "epochs", "gradient_accumulation_steps",
-                     "log_every_n_steps", "loss_chunks", "profile_active_steps"):
+                     "log_every_n_steps", "profile_active_steps"):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("num_workers", "warmup_steps", "profile_wait_steps"):
+        for name in ("num_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
         for name in ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n_checkpoints",
                      "eval_every_n_steps", "eval_max_batches"):

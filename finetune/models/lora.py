@@ -97,11 +97,13 @@ class LoRALinear(nn.Module):
     # ----- initialisation -----
 
     def adapters_to_empty(self, device: Device) -> None:
-        """Give the adapter parameters (uninitialised) storage on `device`, leaving the base weight alone."""
-        self.lora_a.to_empty(device=device)
-        self.lora_b.to_empty(device=device)
+        """Give the adapter parameters (uninitialised) storage on `device` in the base weight's dtype
+        (the run's dtype: the adapter's matmuls take the same input as the base's), leaving the base alone."""
+        dtype = self.weight.dtype
+        self.lora_a.to_empty(device=device).to(dtype)
+        self.lora_b.to_empty(device=device).to(dtype)
         if self.magnitude is not None:
-            self.magnitude = nn.Parameter(torch.empty_like(self.magnitude, device=device))
+            self.magnitude = nn.Parameter(torch.empty_like(self.magnitude, device=device, dtype=dtype))
 
     def reset_lora_parameters(self) -> None:
         """A like nn.Linear's default, B zero: the adapter starts as an exact no-op."""
@@ -180,6 +182,30 @@ class LoRALinear(nn.Module):
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}{dora}{quantized}"
 
 
+class FrozenNF4Linear(nn.Module):
+    """A frozen, bias-free linear whose weight is stored as NF4 once loaded: under QLoRA every
+    projection of the decoder is 4-bit, not only those that carry an adapter. The weight keeps
+    its name (`.weight`), so base checkpoints load unchanged."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.weight.requires_grad_(False)
+
+    def initialize(self) -> None:
+        """Quantize the loaded weight (a no-op on meta or when it already is NF4)."""
+        if ao.is_nf4(self.weight) or self.weight.is_meta:
+            return
+        self.weight = nn.Parameter(ao.to_nf4(self.weight.detach()), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ao.nf4_linear(x, self.weight) if ao.is_nf4(self.weight) else F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, nf4={ao.is_nf4(self.weight)}"
+
+
 # ----- whole-model functions -----
 
 
@@ -235,7 +261,25 @@ def apply_lora(
         if isinstance(linear, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter; apply_lora was called twice")
         setattr(parent, child, LoRALinear.from_linear(linear, **settings))
+    if quantize_base:
+        _freeze_other_projections_as_nf4(model, set(names))
     return names
+
+
+def _freeze_other_projections_as_nf4(model: nn.Module, adapted: set[str]) -> None:
+    """QLoRA: the decoder projections without an adapter are stored as NF4 too (the output head
+    stays in the training dtype unless it is adapted, as is usual for QLoRA)."""
+    suffixes = [f"attn.{name}" for name in ATTN_MODULES] + [f"mlp.{name}" for name in MLP_MODULES]
+    for i in range(len(model.layers)):
+        for suffix in suffixes:
+            name = f"layers.{i}.{suffix}"
+            if name in adapted:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            frozen = FrozenNF4Linear(getattr(parent, child).weight)
+            frozen.initialize()
+            setattr(parent, child, frozen)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -292,12 +336,14 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
 
 
 def initialize_adapters(model: nn.Module) -> None:
-    """After the base weights are in place: quantize bases (QLoRA), reset A and B, set DoRA magnitudes.
+    """After the base weights are in place: quantize bases (QLoRA, adapted or not), reset A and B,
+    set DoRA magnitudes.
 
     Modules are visited in a fixed order drawing from torch's global RNG, so a seed fixes the result.
     """
-    for module in lora_modules(model).values():
-        module.initialize()
+    for module in model.modules():
+        if isinstance(module, (LoRALinear, FrozenNF4Linear)):
+            module.initialize()
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,6 +6,10 @@ output head and computes logits a chunk of tokens at a time. Each chunk is upcas
 inside a checkpointed region, so backward keeps the model-dtype logits and recomputes the fp32
 softmax per chunk: fp32 logits never exist for more than one chunk at once.
 
+Only rows whose label is trained reach the output head: prompt tokens (with
+`train_on_input=false`) and padding contribute nothing to the loss, so skipping them is exact
+and saves the head's matmuls, the largest single matmul of a small model's step.
+
 Normalisation: the function returns the SUM of per-token losses. A step's loss is that sum over
 all micro-batches and all ranks divided by the number of non-ignored tokens over the same set
 (`count_tokens` summed over micro-batches, then `all_reduce_sum` over ranks), so every token
@@ -15,15 +19,28 @@ the sums and scale the gradients by that factor once before the optimizer step);
 loss is the all-reduced sum divided by `global_tokens`.
 """
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _upcast_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=ignore_index)
+def _upcast_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+
+# Above this many bytes of fp32 logits per chunk the loss is split into more chunks.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_loss_chunks(rows: int, vocab_size: int) -> int:
+    """The fewest chunks that keep each chunk's fp32 logits under LOGITS_CHUNK_BYTES.
+
+    Fewer chunks are faster (one large matmul per direction instead of many, and one gradient
+    accumulation into the head's weight); more are only needed when one chunk's logits get large.
+    """
+    return max(1, -(-rows * vocab_size * 4 // LOGITS_CHUNK_BYTES))
 
 
 def chunked_cross_entropy(
@@ -32,28 +49,33 @@ def chunked_cross_entropy(
     labels: torch.Tensor,
     *,
     num_chunks: int = 8,
+    vocab_size: Optional[int] = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Sum of cross-entropy over tokens whose label is not `ignore_index` (an fp32 scalar).
 
     `hidden` is [batch, seq, dim], `output` maps [..., dim] to [..., vocab] (e.g. the model's
     output head), and `labels` is [batch, seq], already shifted so `labels[b, i]` is the target
-    for position i.
+    for position i. `num_chunks=0` picks the count with `auto_loss_chunks` (needs `vocab_size`).
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
+    trained = labels.reshape(-1) != ignore_index
+    # Boolean indexing gathers the trained rows (and scatters their gradient back in backward).
+    hidden = hidden.reshape(-1, hidden.shape[-1])[trained]
+    labels = labels.reshape(-1)[trained]
+    if num_chunks == 0:
+        if vocab_size is None:
+            raise ValueError("num_chunks=0 (auto) needs vocab_size")
+        num_chunks = auto_loss_chunks(labels.numel(), vocab_size)
     num_chunks = max(1, min(num_chunks, labels.numel()))
     total = hidden.new_zeros((), dtype=torch.float32)
     for hidden_chunk, label_chunk in zip(hidden.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
         logits = output(hidden_chunk)
         if logits.dtype == torch.float32:
-            total = total + F.cross_entropy(logits, label_chunk, reduction="sum", ignore_index=ignore_index)
+            total = total + F.cross_entropy(logits, label_chunk, reduction="sum")
         else:
-            total = total + checkpoint(
-                _upcast_cross_entropy_sum, logits, label_chunk, ignore_index, use_reentrant=False
-            )
+            total = total + checkpoint(_upcast_cross_entropy_sum, logits, label_chunk, use_reentrant=False)
     return total
 
 

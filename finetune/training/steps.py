@@ -28,7 +28,9 @@ def loss_sum(model: nn.Module, batch: Batch, *, loss_chunks: int) -> torch.Tenso
         batch["tokens"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
         return_hidden=True,
     )
-    return chunked_cross_entropy(hidden, model.output, batch["labels"], num_chunks=loss_chunks)
+    return chunked_cross_entropy(
+        hidden, model.output, batch["labels"], num_chunks=loss_chunks, vocab_size=model.args.vocab_size
+    )
 
 
 def accumulate_gradients(

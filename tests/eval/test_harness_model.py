@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_eval.api.instance import Instance
+pytest.importorskip("lm_eval")  # the eval extra; CI installs it
+from lm_eval.api.instance import Instance  # noqa: E402
 
 from finetune.models.generation import generate
 from finetune.recipes.eleuther_eval import HarnessModel

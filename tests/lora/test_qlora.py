@@ -81,7 +81,9 @@ def test_meta_build_quantizes_after_loading(tokens):
     model.init_rope()
     initialize_adapters(model)
     assert all(ao.is_nf4(module.weight) for module in lora_modules(model).values()) and len(names) == 2 * 5 + 1
-    assert not ao.is_nf4(model.layers[0].attn.k_proj.weight)
+    # The projections without an adapter are 4-bit too; the unadapted head would stay dense.
+    assert ao.is_nf4(model.layers[0].attn.k_proj.weight) and ao.is_nf4(model.layers[1].attn.output_proj.weight)
+    assert not model.layers[0].attn.k_proj.weight.requires_grad
 
     merged = merged_state_dict(model)
     assert not any(ao.is_nf4(t) for t in merged.values()) and set(merged) == set(reference.state_dict())

@@ -31,6 +31,16 @@ def train(p: LoraFinetuneParams) -> LoraFinetuneRecipe:
     return recipe
 
 
+@pytest.mark.parametrize("extra", [{}, {"quantize_base": True, "use_dora": True}], ids=["lora", "qdora"])
+def test_bf16_run_keeps_adapters_in_bf16_and_trains(tmp_path, extra):
+    """Adapters take the run's dtype: their matmuls share the base's (bf16) input."""
+    recipe = train(params(tmp_path, dtype="bf16", max_steps_per_epoch=6, batch_size=4, lr=1e-2, **ALL_MODULES, **extra))
+    trainable = [p for p in recipe.model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.bfloat16}
+    losses = train_losses(tmp_path / "out")
+    assert sum(losses[-2:]) < 0.9 * sum(losses[:2]), losses
+
+
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> Path:
     """A random tiny base model in HF format, as a user's downloaded checkpoint would be."""
@@ -91,10 +101,12 @@ def test_outputs_load_in_peft_and_transformers_with_our_logits(tmp_path, hf_base
 def test_qlora_trains_with_a_4_bit_base(tmp_path):
     from finetune import ao
 
-    recipe = LoraFinetuneRecipe(params(tmp_path, max_steps_per_epoch=12, batch_size=8, quantize_base=True, **ALL_MODULES))
+    # Adapters on q and v only: every other projection must be 4-bit as well.
+    recipe = LoraFinetuneRecipe(params(tmp_path, max_steps_per_epoch=12, batch_size=8, quantize_base=True))
     recipe.setup()
-    bases = [m.weight for m in recipe.model.modules() if hasattr(m, "lora_a")]
-    assert bases and all(ao.is_nf4(w) for w in bases)
+    bases = [w for name, w in recipe.model.named_parameters()
+             if name.startswith("layers.") and w.dim() == 2 and ".lora_" not in name]
+    assert len(bases) == 7 * len(recipe.model.layers) and all(ao.is_nf4(w) for w in bases)
     nf4_bytes = sum(ao.nf4_nbytes(w) for w in bases)
     fp32_bytes = sum(w.numel() * 4 for w in bases)
     assert nf4_bytes / fp32_bytes < 0.135  # 4 bits per weight plus block scales, against 32
