@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
-import bench_finetune as bench  # noqa: E402
+import bench_cells as bench  # noqa: E402
 from finetune.checkpointing import load_state_dict  # noqa: E402
 from finetune.models import TransformerDecoder  # noqa: E402
 from finetune.models.rope import apply_rotary  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = bench.prepare_tokenizer(spec, work)
     ckpt = work / "checkpoint_fp32"
-    bench.write_checkpoint(spec, tokenizer, ckpt, torch.float32)
+    bench.write_checkpoint(spec, tokenizer, ckpt, torch.float32, "cpu")
     ours, theirs = build_models(spec, ckpt)
     theirs.set_num_output_chunks(8)
     a, b, s = spec.args, args.batch_size, args.seq_len

@@ -90,3 +90,34 @@ def test_bf16_upcasts_per_chunk_and_keeps_no_fp32_logits():
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="disagree"):
         chunked_cross_entropy(torch.zeros(2, 3, 4), nn.Linear(4, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_auto_chunk_count_keeps_each_chunk_under_the_budget():
+    from finetune.training.loss import LOGITS_CHUNK_BYTES, auto_loss_chunks
+
+    assert auto_loss_chunks(1024, 32_000) == 1  # 131 MB of fp32 logits: one chunk
+    chunks = auto_loss_chunks(2 * 2048, 128_256)  # Llama 3 vocabulary, 2 x 2048 tokens: 2.1 GB
+    assert chunks == 8 and 2 * 2048 * 128_256 * 4 / chunks <= LOGITS_CHUNK_BYTES
+    assert auto_loss_chunks(0, 128_256) == 1
+
+
+def test_head_sees_only_trained_rows_and_auto_chunks_match_reference():
+    """Prompt and padding rows never reach the output head (its input has only trained rows),
+    and num_chunks=0 (auto) gives the full cross-entropy's value and gradients."""
+    torch.manual_seed(0)
+    output = nn.Linear(8, 11, bias=False)
+    seen = []
+    output.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = -100  # a masked prompt
+    labels[2, 5:] = -100  # padding
+    got = chunked_cross_entropy(hidden, output, labels, num_chunks=0, vocab_size=11)
+    assert seen == [int((labels != -100).sum())]
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    ref = F.cross_entropy(output(hidden).flatten(0, 1), labels.flatten(), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="vocab_size"):
+        chunked_cross_entropy(hidden, output, labels, num_chunks=0)
