@@ -282,6 +282,14 @@ def _freeze_other_projections_as_nf4(model: nn.Module, adapted: set[str]) -> Non
             setattr(parent, child, frozen)
 
 
+def nf4_base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose base weight is (or, on meta, will be) stored as NF4 under QLoRA."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, FrozenNF4Linear) or (isinstance(module, LoRALinear) and module.quantize_base)
+    }
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 

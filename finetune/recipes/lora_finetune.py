@@ -34,7 +34,6 @@ from finetune.checkpointing.recipe_state import (
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
-from finetune.errors import UserError
 from finetune.models import TransformerDecoder, num_params
 from finetune.models.lora import (
     adapter_state_dict,
@@ -89,8 +88,6 @@ class LoraFinetuneRecipe:
         self.device = resolve_device(p.device, self.dist.local_rank)
         self.dtype = resolve_run_dtype(p.dtype, self.device)
         seed_everything(p.seed, self.dist.rank)
-        if p.quantize_base and self.dist.is_distributed:
-            raise UserError("quantize_base=true (QLoRA) runs on one device; drop --nproc_per_node or set quantize_base=false")
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)

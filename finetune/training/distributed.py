@@ -76,6 +76,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """`obj` from rank `src` on every rank (pickled; for the odd tensor subclass that FSDP's
+    broadcast does not carry). Returns `obj` unchanged in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place across ranks and return it (unchanged in a single process)."""
     if is_distributed():

@@ -51,12 +51,14 @@ def shard_model(
     cpu_offload: bool = False,
     param_dtype: Optional[torch.dtype] = None,
     mesh: Optional[DeviceMesh] = None,
+    ignored_params: Optional[set[nn.Parameter]] = None,
 ) -> nn.Module:
     """Apply FSDP2 to each `model.layers[i]`, then to the root; returns the model (sharded in place).
 
     Apply activation checkpointing before this. `param_dtype` casts parameters for compute
     (gradients are reduced in fp32); leave it None when the weights already hold the run's dtype.
     `mesh` defaults to all ranks, on CPU for a gloo process group and on the GPU otherwise.
+    `ignored_params` stay whole on every rank, outside FSDP (QLoRA's 4-bit base weights).
     """
     _check_layers_own_their_params(model)
     kwargs: dict[str, Any] = {"reshard_after_forward": reshard_after_forward}
@@ -67,6 +69,8 @@ def shard_model(
         kwargs["mesh"] = mesh
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if ignored_params:
+        kwargs["ignored_params"] = ignored_params
     if cpu_offload:
         # Pinning needs CUDA; without it CPUOffloadPolicy() fails at construction.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())

@@ -14,7 +14,7 @@ from finetune.models import model_args
 from finetune.params import LoraFinetuneParams, resolve_path
 from finetune.recipes.lora_finetune import LoraFinetuneRecipe
 from finetune.training.model_setup import initial_state_dict
-from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, train_losses, tune, wait_for
+from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, tensors, train_losses, tune, wait_for
 
 ALL_MODULES = {"lora_attn_modules": ["q_proj", "k_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}
 
@@ -138,6 +138,23 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
 
 
 @pytest.mark.slow
+def test_qlora_two_processes_follow_one_process(tmp_path):
+    """QLoRA under FSDP: every rank holds the same 4-bit base (quantized once, broadcast), the
+    adapters are sharded, and the run follows one process; the merged models agree."""
+    run = as_argv(max_steps_per_epoch=4, lr=3e-3, quantize_base="true")
+    one = tune("lora_finetune", *run, "batch_size=4", f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tune("--nproc_per_node", "2", "lora_finetune", *run, "batch_size=2", f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), strict=True):
+        assert abs(a - b) <= 1e-4
+    merged_one = tensors(tmp_path / "one" / "step_4" / "merged" / "model.safetensors")
+    merged_two = tensors(tmp_path / "two" / "step_4" / "merged" / "model.safetensors")
+    assert merged_one.keys() == merged_two.keys()
+    for name in merged_one:
+        torch.testing.assert_close(merged_two[name], merged_one[name], rtol=0, atol=1e-5)
+
+
 def test_two_processes_follow_one_process(tmp_path):
     run = as_argv(max_steps_per_epoch=4, lr=3e-3, apply_lora_to_mlp="true")
     one = tune("lora_finetune", *run, "batch_size=4", f"output_dir={tmp_path / 'one'}")
