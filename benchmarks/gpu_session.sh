@@ -9,7 +9,15 @@
 # our QLoRA, int4 and 8-bit optimizer paths) and .whl/tt (torchtune 0.6.1, its torchao <= 0.15 and
 # its other requirements). They go to separate folders so each library sees the torchao it needs:
 # ours is on PYTHONPATH for every process, torchtune's is put first by the /tmp/tt_python wrapper.
-# Logs and results go to $OUT (default runs/gpu).
+# Logs and results go to $OUT (default runs/gpu). The 8B cells need about 35 GB of free disk.
+#
+# Staging the wheels (on a machine with a package index; the GPU machine may have none):
+#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64"
+#   pip download $P -d .whl/ours torchao==0.18.0
+#   pip download $P -d .whl/tt torchtune==0.6.1 torchao==0.15.0 torchdata==0.11.0 datasets==5.2.0 dill==0.4.1 \
+#       multiprocess==0.70.19 omegaconf==2.4.0 blobfile==3.3.0 pycryptodomex==3.24.2 kagglehub==1.0.2 \
+#       kagglesdk==0.1.37 peft==0.18.1 pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 \
+#       typing_inspection==0.4.5 truststore==0.10.5
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-runs/gpu}"
