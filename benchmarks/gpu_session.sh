@@ -12,7 +12,8 @@
 # Logs and results go to $OUT (default runs/gpu). The 8B cells need about 35 GB of free disk.
 #
 # Staging the wheels (on a machine with a package index; the GPU machine may have none):
-#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64"
+#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 #   pip download $P -d .whl/ours torchao==0.18.0
 #   pip download $P -d .whl/tt torchtune==0.6.1 torchao==0.15.0 torchdata==0.11.0 datasets==5.2.0 dill==0.4.1 \
 #       multiprocess==0.70.19 omegaconf==2.4.0 blobfile==3.3.0 pycryptodomex==3.24.2 kagglehub==1.0.2 \
