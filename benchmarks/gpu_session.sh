@@ -45,6 +45,8 @@ bench() {
     echo "=== bench $name: $*"
     "$PY" benchmarks/bench_finetune.py --torchtune-python /tmp/tt_python --work-dir /tmp/bench \
         --docs "$OUT/sections.md" --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/bench_$name.log"
+    # The runs' saved models (16 GB each at 8B) would fill the disk; the shared weights stay.
+    find /tmp/bench -mindepth 2 -maxdepth 2 -type d -name '*_b*_s*' -exec rm -rf {} +
 }
 
 for stage in "$@"; do
