@@ -117,11 +117,11 @@ def test_qlora_trains_with_a_4_bit_base(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc):
+@pytest.mark.parametrize("nproc,method", [(1, "dora"), (2, "dora"), (2, "qdora")])
+def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc, method):
     launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
     run = as_argv(max_steps_per_epoch=4, epochs=2, save_every_n_steps=2, batch_size=2, lr=3e-3, use_dora="true",
-                  lora_dropout=0.1)
+                  lora_dropout=0.1, quantize_base=str(method == "qdora").lower())
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     result = tune(*launcher, "lora_finetune", *run, f"output_dir={reference}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,6 +155,7 @@ def test_qlora_two_processes_follow_one_process(tmp_path):
         torch.testing.assert_close(merged_two[name], merged_one[name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_follow_one_process(tmp_path):
     run = as_argv(max_steps_per_epoch=4, lr=3e-3, apply_lora_to_mlp="true")
     one = tune("lora_finetune", *run, "batch_size=4", f"output_dir={tmp_path / 'one'}")
