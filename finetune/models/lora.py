@@ -35,6 +35,17 @@ def _check_settings(rank: int, alpha: float, dropout: float) -> None:
         raise UserError(f"lora_dropout={dropout!r} must be in [0, 1)")
 
 
+def _frozen_nf4(weight: nn.Parameter) -> nn.Parameter:
+    """`weight` stored as NF4 (frozen); unchanged when it already is NF4 or still on meta."""
+    if ao.is_nf4(weight) or weight.is_meta:
+        return weight
+    return nn.Parameter(ao.to_nf4(weight.detach()), requires_grad=False)
+
+
+def _frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return ao.nf4_linear(x, weight) if ao.is_nf4(weight) else F.linear(x, weight)
+
+
 class LoRALinear(nn.Module):
     """y = W x + (alpha / rank) * B A dropout(x), with W frozen and A, B trainable.
 
@@ -119,9 +130,7 @@ class LoRALinear(nn.Module):
 
     def quantize_base_weight(self) -> None:
         """Replace the (loaded) base weight by its NF4 form; a no-op when it already is NF4."""
-        if ao.is_nf4(self.weight) or self.weight.is_meta:
-            return
-        self.weight = nn.Parameter(ao.to_nf4(self.weight.detach()), requires_grad=False)
+        self.weight = _frozen_nf4(self.weight)
 
     def initialize(self) -> None:
         """Everything that must follow loading the base weight, in order: quantize it (QLoRA) so the
@@ -162,7 +171,7 @@ class LoRALinear(nn.Module):
     # ----- forward -----
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
-        return ao.nf4_linear(x, self.weight) if ao.is_nf4(self.weight) else F.linear(x, self.weight)
+        return _frozen_linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base(x)
@@ -195,12 +204,10 @@ class FrozenNF4Linear(nn.Module):
 
     def initialize(self) -> None:
         """Quantize the loaded weight (a no-op on meta or when it already is NF4)."""
-        if ao.is_nf4(self.weight) or self.weight.is_meta:
-            return
-        self.weight = nn.Parameter(ao.to_nf4(self.weight.detach()), requires_grad=False)
+        self.weight = _frozen_nf4(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ao.nf4_linear(x, self.weight) if ao.is_nf4(self.weight) else F.linear(x, self.weight)
+        return _frozen_linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4={ao.is_nf4(self.weight)}"
@@ -255,31 +262,25 @@ def apply_lora(
     names = _target_modules(model, attn_modules, mlp, output)
     settings = dict(rank=rank, alpha=alpha, dropout=dropout, use_dora=use_dora, quantize_base=quantize_base)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if isinstance(linear, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter; apply_lora was called twice")
-        setattr(parent, child, LoRALinear.from_linear(linear, **settings))
+        _replace_submodule(model, name, LoRALinear.from_linear(linear, **settings))
     if quantize_base:
-        _freeze_other_projections_as_nf4(model, set(names))
+        # The decoder projections without an adapter are stored as NF4 too; the output head stays
+        # in the training dtype unless it is adapted, as is usual for QLoRA.
+        adapted = set(names)
+        for name in _target_modules(model, ATTN_MODULES, mlp=True, output=False):
+            if name not in adapted:
+                frozen = FrozenNF4Linear(model.get_submodule(name).weight)
+                frozen.initialize()
+                _replace_submodule(model, name, frozen)
     return names
 
 
-def _freeze_other_projections_as_nf4(model: nn.Module, adapted: set[str]) -> None:
-    """QLoRA: the decoder projections without an adapter are stored as NF4 too (the output head
-    stays in the training dtype unless it is adapted, as is usual for QLoRA)."""
-    suffixes = [f"attn.{name}" for name in ATTN_MODULES] + [f"mlp.{name}" for name in MLP_MODULES]
-    for i in range(len(model.layers)):
-        for suffix in suffixes:
-            name = f"layers.{i}.{suffix}"
-            if name in adapted:
-                continue
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            frozen = FrozenNF4Linear(getattr(parent, child).weight)
-            frozen.initialize()
-            setattr(parent, child, frozen)
+def _replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
 
 
 def nf4_base_modules(model: nn.Module) -> dict[str, nn.Module]:

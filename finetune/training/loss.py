@@ -60,10 +60,11 @@ def chunked_cross_entropy(
     """
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree")
-    trained = labels.reshape(-1) != ignore_index
+    labels = labels.reshape(-1)
+    trained = labels != ignore_index
     # Boolean indexing gathers the trained rows (and scatters their gradient back in backward).
     hidden = hidden.reshape(-1, hidden.shape[-1])[trained]
-    labels = labels.reshape(-1)[trained]
+    labels = labels[trained]
     if num_chunks == 0:
         if vocab_size is None:
             raise ValueError("num_chunks=0 (auto) needs vocab_size")

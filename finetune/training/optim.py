@@ -1,8 +1,8 @@
 """Optimizers by name, and gradient-norm clipping that works on FSDP2 (DTensor) parameters.
 
 - adamw / adam: torch's implementations; `fused=True` on CUDA and CPU (one pass per tensor,
-  all parameters in one call; on CPU ~6x faster than foreach for AdamW), `foreach=True` elsewhere. `adam` applies weight decay as L2 on the
-  gradient, `adamw` decoupled, as in torch.
+  all parameters in one call; on CPU ~6x faster than foreach for AdamW), `foreach=True`
+  elsewhere. `adam` applies weight decay as L2 on the gradient, `adamw` decoupled, as in torch.
 - sgd: momentum 0.9 (no Nesterov), weight decay as L2; a plain, memory-light baseline.
 - adamw8bit / adamw4bit: torchao's AdamW with blockwise-quantised moments (~4x / ~8x less
   optimizer memory than fp32 state), reached through `finetune.ao`.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from finetune.models import build_model, model_args
 from finetune.params import FullFinetuneParams, LoraFinetuneParams
+from finetune.recipes import run_recipe
 from finetune.recipes.full_finetune import FullFinetuneRecipe
 from finetune.recipes.lora_finetune import LoraFinetuneRecipe
 from finetune.training.fsdp import shard_model
@@ -24,11 +25,8 @@ CUDA = {**TINY, "device": "cuda", "batch_size": 8}
 
 
 def run(recipe_class, params_class, tmp_path: Path, **overrides):
-    p = params_class(**{**CUDA, "output_dir": str(tmp_path / "out"), **overrides})
-    recipe = recipe_class(p)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
+    recipe = recipe_class(params_class(**{**CUDA, "output_dir": str(tmp_path / "out"), **overrides}))
+    assert run_recipe(recipe) == 0
     return recipe
 
 
