@@ -5,28 +5,16 @@ import sys
 
 import pytest
 
-from finetune.cli import main
 from finetune.quantization import quantize_model, save_quantized_checkpoint
 from finetune.recipes.eleuther_eval import HarnessModel
 pytest.importorskip("lm_eval")  # the eval extra; CI installs it
 from lm_eval.api.instance import Instance  # noqa: E402
-from tests.eval.conftest import TOKENIZER, random_model
+from tests.cli_helpers import error_line, run  # noqa: E402
+from tests.eval.conftest import TOKENIZER, random_model  # noqa: E402
 
 QUESTIONS = ["Add the two numbers.\n1 and 2\n", "Count from 3 to 5.\n", "Sort the words.\ncat dog\n",
              "Reverse the words.\nsun moon\n", "Which is larger?\n4 or 9\n", "Convert hours to minutes.\n2 h\n"]
 CHOICES = ["cat", "dog", "fish"]
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def write_tasks(folder, model, tokenizer) -> None:

@@ -4,20 +4,8 @@ import json
 
 import pytest
 
-from finetune.cli import main
+from tests.cli_helpers import error_line, run
 from finetune.quantization import load_quantized_model, weights_size
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def quantize_args(trained_dir, out, *extra: str) -> list[str]:
