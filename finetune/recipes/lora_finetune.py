@@ -51,7 +51,7 @@ from finetune.training.distributed import barrier, destroy_distributed, init_dis
 from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
 from finetune.training.guards import check_finite_loss, out_of_memory_error
 from finetune.training.lr_schedule import build_lr_scheduler
-from finetune.training.memory import peak_memory_gb
+from finetune.training.memory import keep_freed_host_memory, peak_memory_gb
 from finetune.training.metrics import build_metric_loggers
 from finetune.training.model_setup import build_on_cpu, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
@@ -86,6 +86,8 @@ class LoraFinetuneRecipe:
         self.dist = init_distributed(resolve_device(p.device).type)
         self.rank_zero = self.dist.rank == 0
         self.device = resolve_device(p.device, self.dist.local_rank)
+        if self.device.type == "cpu":
+            keep_freed_host_memory()
         self.dtype = resolve_run_dtype(p.dtype, self.device)
         seed_everything(p.seed, self.dist.rank)
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)

@@ -2,9 +2,13 @@
 
 Logits for a whole batch are the largest activation in LLM fine-tuning (batch x seq x vocab,
 and 128k vocab for Llama 3). `chunked_cross_entropy` takes the final hidden states and the
-output head and computes logits a chunk of tokens at a time. Each chunk is upcast to fp32 only
-inside a checkpointed region, so backward keeps the model-dtype logits and recomputes the fp32
-softmax per chunk: fp32 logits never exist for more than one chunk at once.
+output head and computes logits a chunk of tokens at a time, upcast to fp32 one chunk at a time.
+
+The gradient of the loss with respect to the logits, softmax minus one-hot, is computed in the
+forward pass (`_CrossEntropySum`) while the chunk's softmax is at hand, and kept in the model's
+dtype until backward. That replaces log_softmax's saved output, its backward pass and the
+one-hot gradient buffer nll_loss would fill with zeros: one pass of `exp` over the logits
+instead of two, and no second vocabulary-wide buffer per chunk.
 
 Only rows whose label is trained reach the output head: prompt tokens (with
 `train_on_input=false`) and padding contribute nothing to the loss, so skipping them is exact
@@ -23,10 +27,42 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
-def _upcast_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of [rows, vocab] logits against valid labels, computed in fp32.
+
+    Forward computes the softmax once and turns it into the logits' gradient in place; backward
+    only scales that by the incoming gradient. The gradient is freed by its first backward, so a
+    second backward through the same graph raises instead of silently reusing scaled values.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = logits.float()
+        row_max, row_argmax = x.max(dim=-1)
+        probs = torch.softmax(x, dim=-1)
+        rows = torch.arange(x.shape[0], device=x.device)
+        # log-sum-exp read off the most likely token, whose probability (at least 1/vocab) never
+        # underflows, so the loss stays exact where the label's own probability would round to 0.
+        log_sum_exp = row_max - probs[rows, row_argmax].log()
+        loss = (log_sum_exp - x[rows, labels]).sum()
+        probs[rows, labels] -= 1.0
+        ctx.grad_logits = probs.to(logits.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad_logits, ctx.grad_logits = ctx.grad_logits, None
+        if grad_logits is None:
+            raise RuntimeError("cross-entropy backward ran twice; its logits gradient is freed after the first")
+        return grad_logits.mul_(grad_loss), None
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of [rows, vocab] logits; every label must be a valid class."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropySum.apply(logits, labels)
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
@@ -72,11 +108,7 @@ def chunked_cross_entropy(
     num_chunks = max(1, min(num_chunks, labels.numel()))
     total = hidden.new_zeros((), dtype=torch.float32)
     for hidden_chunk, label_chunk in zip(hidden.tensor_split(num_chunks), labels.tensor_split(num_chunks)):
-        logits = output(hidden_chunk)
-        if logits.dtype == torch.float32:
-            total = total + F.cross_entropy(logits, label_chunk, reduction="sum")
-        else:
-            total = total + checkpoint(_upcast_cross_entropy_sum, logits, label_chunk, use_reentrant=False)
+        total = total + cross_entropy_sum(output(hidden_chunk), label_chunk)
     return total
 
 

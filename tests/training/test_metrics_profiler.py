@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.training.memory import peak_memory_gb
 from finetune.training.metrics import JsonlLogger, TensorBoardLogger, WandbLogger, build_metric_loggers
 from finetune.training.profiler import NoOpProfiler, build_profiler
 
@@ -64,23 +63,62 @@ def test_wandb_missing_is_a_user_error(tmp_path):
         WandbLogger(tmp_path)
 
 
-def _current_rss_gb() -> float:
+_PEAK_SEES_ALLOCATION = """
+import torch
+
+def current_rss_gb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 2**20
-    raise AssertionError("no VmRSS line")
+
+before = peak_memory_gb(torch.device("cpu"))
+assert before >= current_rss_gb() - 1e-3, (before, current_rss_gb())
+# Allocate and touch enough to go 0.1 GiB past the old peak.
+big = torch.ones(int((before - current_rss_gb() + 0.1) * 2**30) // 4)
+print(before, peak_memory_gb(torch.device("cpu")))
+"""
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_on_cpu_sees_a_large_allocation():
-    before = peak_memory_gb(torch.device("cpu"))
-    assert before >= _current_rss_gb() - 1e-3
-    # Allocate and touch enough to go 0.1 GiB past the old peak.
-    extra_gb = before - _current_rss_gb() + 0.1
-    big = torch.ones(int(extra_gb * 2**30) // 4)
-    after = peak_memory_gb(torch.device("cpu"))
-    del big
+    import subprocess
+
+    # A fresh process: this one's heap may hold freed memory a new tensor would reuse unseen.
+    out = subprocess.run([sys.executable, "-c", _PEAK_SEES_ALLOCATION], check=True, capture_output=True, text=True)
+    before, after = map(float, out.stdout.split())
     assert after >= before + 0.09
+
+
+_PAGE_FAULTS_OF_REALLOCATION = """
+import resource, sys
+import torch
+from finetune.training.memory import keep_freed_host_memory
+kept = keep_freed_host_memory() if sys.argv[1] == "keep" else False
+for _ in range(20):  # warm-up: the heap settles within a few rounds
+    torch.ones(2**24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.ones(2**24)  # 64 MiB allocated, touched and freed, as a training step's logits are
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_kept_host_memory_is_reused_without_page_faults():
+    import subprocess
+
+    def faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_OF_REALLOCATION, mode], check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1])
+
+    default_kept, default_faults = faults("default")
+    kept, kept_faults = faults("keep")
+    if kept != "True":
+        pytest.skip("the C library is not glibc")
+    # By default each 64 MiB tensor is a fresh mmap faulted in page by page (16k pages each).
+    assert default_kept == "False" and default_faults > 10 * 10_000
+    assert kept_faults < 1_000
 
 
 def test_profiler_writes_a_chrome_trace(tmp_path):
