@@ -33,8 +33,10 @@ class _CrossEntropySum(torch.autograd.Function):
     """Summed cross-entropy of [rows, vocab] logits against valid labels, computed in fp32.
 
     Forward computes the softmax once and turns it into the logits' gradient in place; backward
-    only scales that by the incoming gradient. The gradient is freed by its first backward, so a
-    second backward through the same graph raises instead of silently reusing scaled values.
+    only scales that by the incoming gradient, in place. The gradient is kept with
+    save_for_backward, so saved-tensor hooks (activation offloading) see it, and a second
+    backward through a retained graph fails autograd's in-place version check rather than
+    reusing scaled values.
     """
 
     @staticmethod
@@ -48,14 +50,12 @@ class _CrossEntropySum(torch.autograd.Function):
         log_sum_exp = row_max - probs[rows, row_argmax].log()
         loss = (log_sum_exp - x[rows, labels]).sum()
         probs[rows, labels] -= 1.0
-        ctx.grad_logits = probs.to(logits.dtype)
+        ctx.save_for_backward(probs.to(logits.dtype))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        grad_logits, ctx.grad_logits = ctx.grad_logits, None
-        if grad_logits is None:
-            raise RuntimeError("cross-entropy backward ran twice; its logits gradient is freed after the first")
+        (grad_logits,) = ctx.saved_tensors
         return grad_logits.mul_(grad_loss), None
 
 

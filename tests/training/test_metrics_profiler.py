@@ -65,17 +65,18 @@ def test_wandb_missing_is_a_user_error(tmp_path):
 
 _PEAK_SEES_ALLOCATION = """
 import torch
+from finetune.training.memory import peak_memory_gb as peak
 
 def current_rss_gb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 2**20
 
-before = peak_memory_gb(torch.device("cpu"))
+before = peak(torch.device("cpu"))
 assert before >= current_rss_gb() - 1e-3, (before, current_rss_gb())
 # Allocate and touch enough to go 0.1 GiB past the old peak.
 big = torch.ones(int((before - current_rss_gb() + 0.1) * 2**30) // 4)
-print(before, peak_memory_gb(torch.device("cpu")))
+print(before, peak(torch.device("cpu")))
 """
 
 
