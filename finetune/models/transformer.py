@@ -6,7 +6,7 @@ address modules by these names, and LoRA swaps the `nn.Linear` children for its 
 which is why the linears are always called, never used through their `.weight`.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,41 @@ class KVCache(nn.Module):
         return self.k_cache[:batch], self.v_cache[:batch]
 
 
+class LivePositions(NamedTuple):
+    """The positions of a [batch, seq_len] layout that are computed, as flat indices.
+
+    With it the residual stream holds only these rows ([n, dim]): every projection, norm and MLP
+    skips the others, and attention scatters its rows back into the [batch, seq_len] layout,
+    where a skipped position is a zero vector that no live query attends to.
+    """
+
+    index: torch.Tensor  # [n] int64 into batch * seq_len
+    batch: int
+    seq_len: int
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, seq_len, ...] -> [n, ...]"""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, c] -> [batch, seq_len, c], zeros at the skipped positions."""
+        full = x.new_zeros(self.batch * self.seq_len, x.shape[-1])
+        return full.index_copy(0, self.index, x).view(self.batch, self.seq_len, x.shape[-1])
+
+
+def live_positions(labels: torch.Tensor, ignore_index: int = -100) -> LivePositions:
+    """Positions that reach the loss: each row up to its last trained label.
+
+    Under causal attention a position only influences later ones, so everything after a row's
+    last trained label (its padding, a trailing prompt) changes neither the loss nor any
+    gradient: skipping it is exact.
+    """
+    batch, seq_len = labels.shape
+    trained = (labels != ignore_index).int()
+    live = trained.flip(1).cummax(dim=1).values.flip(1).bool()
+    return LivePositions(live.flatten().nonzero().squeeze(1), batch, seq_len)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads, through SDPA."""
 
@@ -88,12 +123,17 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        live: Optional[LivePositions] = None,
     ) -> torch.Tensor:
-        """x [b, s, dim]; mask [b, s, kv_len] bool (True = may attend) or None for plain causal."""
-        batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        """x [b, s, dim], or [n, dim] with `live`; mask [b, s, kv_len] bool (True = may attend) or
+        None for plain causal."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if live is not None:
+            q, k, v = live.unpack(q), live.unpack(k), live.unpack(v)
+        batch, seq_len, _ = q.shape
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -106,6 +146,8 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        if live is not None:
+            out = live.pack(out)
         return self.output_proj(out)
 
 
@@ -138,8 +180,9 @@ class TransformerLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        live: Optional[LivePositions] = None,
     ) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos)
+        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos, live)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -239,6 +282,7 @@ class TransformerDecoder(nn.Module):
         document_ids: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
         input_pos: Optional[torch.Tensor] = None,
+        live: Optional[LivePositions] = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab], or the final normed hidden states [b, s, dim].
@@ -249,13 +293,16 @@ class TransformerDecoder(nn.Module):
         mask [b, s, kv_len] bool, True = may attend: replaces the causal/document mask entirely;
             with a cache kv_len is the cache length.
         input_pos [s]: cache positions written by this call (required when caches are enabled).
+        live: compute only these positions (`live_positions(labels)`); the result is then
+            [n, vocab] or [n, dim], one row per live position in row-major order.
         """
-        batch, seq_len = tokens.shape
+        if live is not None and self.caches_are_enabled():
+            raise ValueError("live positions cannot be combined with a KV cache")
         mask, position_ids = self._mask_and_positions(tokens, position_ids, document_ids, mask, input_pos)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens if live is None else live.pack(tokens))
         rope = self.rope(position_ids, h.dtype)
         for layer in self.layers:
-            h = layer(h, rope, mask, input_pos)
+            h = layer(h, rope, mask, input_pos, live)
         h = self.norm(h)
         return h if return_hidden else self.output(h)
 

@@ -17,20 +17,40 @@ from torch import nn
 
 from finetune.training.activations import activation_offloading
 from finetune.training.distributed import all_reduce_sum
+from finetune.models.transformer import LivePositions, live_positions
 from finetune.training.loss import chunked_cross_entropy, count_tokens
 
 Batch = dict[str, torch.Tensor]
 
 
 def loss_sum(model: nn.Module, batch: Batch, *, loss_chunks: int) -> torch.Tensor:
-    """Sum of per-token cross-entropy over the batch's trained tokens (fp32 scalar)."""
+    """Sum of per-token cross-entropy over the batch's trained tokens (fp32 scalar).
+
+    Positions after each row's last trained label (padding, mostly) are not computed at all
+    when they are a worthwhile share of the batch (`worth_skipping`).
+    """
+    labels = batch["labels"]
+    live = live_positions(labels)
+    if not worth_skipping(live):
+        live = None
     hidden = model(
         batch["tokens"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
-        return_hidden=True,
+        live=live, return_hidden=True,
     )
     return chunked_cross_entropy(
-        hidden, model.output, batch["labels"], num_chunks=loss_chunks, vocab_size=model.args.vocab_size
+        hidden, model.output, labels if live is None else live.pack(labels),
+        num_chunks=loss_chunks, vocab_size=model.args.vocab_size,
     )
+
+
+# Below this share of skippable positions, gathering and scattering the attention's rows in every
+# layer costs about what the skipped matmuls save.
+MIN_SKIPPED_SHARE = 1 / 32
+
+
+def worth_skipping(live: LivePositions) -> bool:
+    total = live.batch * live.seq_len
+    return total - live.index.numel() >= MIN_SKIPPED_SHARE * total
 
 
 def accumulate_gradients(

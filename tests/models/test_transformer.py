@@ -5,7 +5,7 @@ import torch
 
 from finetune.models import ModelArgs, RopeScaling, build_model
 from finetune.models.rope import rope_inverse_frequencies
-from finetune.models.transformer import RMSNorm, positions_within_documents
+from finetune.models.transformer import RMSNorm, live_positions, positions_within_documents
 
 TOLERANCE = 1e-5
 
@@ -77,6 +77,50 @@ def test_packed_documents_backward(model):
     model(tokens, document_ids=document_ids).sum().backward()
     gradient = model.layers[0].attn.q_proj.weight.grad
     assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_live_positions_end_at_each_rows_last_trained_label():
+    labels = torch.tensor([[-100, 5, -100, 7, -100, -100], [-100] * 6, [1, 2, 3, 4, 5, 6]])
+    live = live_positions(labels)
+    assert (live.batch, live.seq_len) == (3, 6)
+    # Row 0 keeps positions 0-3 (a masked position inside stays: later labels depend on it),
+    # row 1 has nothing trained, row 2 keeps everything.
+    assert live.index.tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 16, 17]
+    assert torch.equal(live.pack(labels), labels.flatten()[live.index])
+
+
+@pytest.mark.parametrize("with_documents", [False, True])
+def test_computing_only_live_positions_gives_their_outputs_and_gradients(with_documents):
+    torch.manual_seed(0)
+    model = build_model(_args())
+    tokens = _tokens(3, 12)
+    labels = _tokens(3, 12, seed=5)
+    labels[0, 7:] = -100  # padding after a 7-token sample
+    labels[1, :4] = -100  # a masked prompt, kept: later positions attend to it
+    labels[1, 10:] = -100
+    document_ids = torch.tensor([[0] * 5 + [1] * 7] * 3) if with_documents else None
+    live = live_positions(labels)
+    assert live.index.numel() == 7 + 10 + 12
+
+    full = model(tokens, document_ids=document_ids)
+    full_rows = live.pack(full)
+    full_rows.square().sum().backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    rows = model(tokens, document_ids=document_ids, live=live)
+    rows.square().sum().backward()
+
+    assert rows.shape == (29, 128)
+    torch.testing.assert_close(rows, full_rows, rtol=1e-5, atol=1e-5)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, full_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_live_positions_refuse_a_kv_cache(model):
+    model.setup_caches(1, 16)
+    labels = torch.tensor([[1, 2, -100]])
+    with pytest.raises(ValueError, match="KV cache"):
+        model(_tokens(1, 3), input_pos=torch.arange(3), live=live_positions(labels))
 
 
 def test_kv_cache_incremental_matches_full_forward(model):
