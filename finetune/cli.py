@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import yaml
 
 from finetune.errors import UserError
-from finetune.params import describe_type, matches_type
+from finetune.params import LoraFinetuneParams, describe_type, matches_type
 
 CONFIG_DIR = Path(os.environ.get("FINETUNE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -286,6 +286,8 @@ class TuneArgumentParser:
             return
         close = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
+        if key in {f.name for f in dataclasses.fields(LoraFinetuneParams)}:
+            hint = "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed; "
         raise UserError(f"unknown key '{key}' {where}; {hint}run with --help to list every key")
 
 

@@ -72,6 +72,13 @@ def test_unknown_key_in_yaml_names_file_and_suggestion(capsys, tmp_path):
     assert code == 2 and f"unknown key 'warmup_step' in {path}" in line and "did you mean 'warmup_steps'?" in line
 
 
+def test_a_lora_config_under_the_full_recipe_names_the_lora_recipe(capsys):
+    code, out = run_in_process(capsys, "finetune_llm", "--config", "tiny_lora")
+    line = single_error_line(out.err)
+    assert code == 2 and "unknown key 'lora_attn_modules'" in line
+    assert "run this config with lora_finetune_single_device" in line
+
+
 def test_malformed_yaml_names_the_line(capsys, tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("tokenizer_path: t\nlr: 0.1\nbatch_size: [1, 2\nepochs: 1\n")
