@@ -75,6 +75,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,13 @@ def child_env(work: Path, threads: Optional[int]) -> dict[str, str]:
     return env
 
 
+def remove_saved_weights(out: Path) -> None:
+    """A run's final checkpoint is written only to time the save; keeping it fills the disk over many repeats."""
+    for saved in [*out.glob("step_*"), out / "checkpoints"]:
+        if saved.is_dir():
+            shutil.rmtree(saved)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -215,6 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 lambda reader=reader, out=out: reader(out), cfg, counts[library],
             )
             results.append(result)
+            remove_saved_weights(out)
             print(f"  {library} run {repeat}: {result.tokens_per_second:,.0f} tokens/s, "
                   f"step times {', '.join(f'{t:.3f}' for t in result.step_times_s)} s, "
                   f"peak {result.peak_memory_gb:.3f} GiB, wall {result.wall_s:.1f} s", flush=True)
