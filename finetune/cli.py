@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import sysconfig
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,20 @@ import yaml
 from finetune.errors import UserError
 from finetune.params import LoraFinetuneParams, describe_type, matches_type
 
-CONFIG_DIR = Path(os.environ.get("FINETUNE_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+def builtin_config_dir(source_tree: Path = Path(__file__).resolve().parent.parent / "configs",
+                       data_roots: Optional[Sequence[Path]] = None) -> Path:
+    """configs/ beside the package in a source checkout, else the copy a regular install puts under share/."""
+    if source_tree.is_dir():
+        return source_tree
+    if data_roots is None:
+        schemes = [sysconfig.get_default_scheme(), f"{os.name}_user"]
+        data_roots = [Path(sysconfig.get_path("data", scheme)) for scheme in schemes]
+    installed = [root / "share" / "finetune" / "configs" for root in data_roots]
+    return next((d for d in installed if d.is_dir()), source_tree)
+
+
+CONFIG_DIR = Path(os.environ.get("FINETUNE_CONFIG_DIR") or builtin_config_dir())
 
 
 # ----------------------------------------------------------------------------------------------

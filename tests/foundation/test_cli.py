@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,32 @@ def test_bad_config_with_two_processes_is_one_line(config):
     result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "lr=-1")
     assert result.returncode == 2
     assert "lr=-1.0 must be positive" in single_error_line(result.stderr)
+
+
+def test_configs_are_found_in_the_source_tree_else_where_an_install_put_them(tmp_path):
+    from finetune.cli import builtin_config_dir
+
+    source_tree, prefix, user_base = tmp_path / "repo" / "configs", tmp_path / "prefix", tmp_path / "user"
+    installed = user_base / "share" / "finetune" / "configs"
+    installed.mkdir(parents=True)
+    assert builtin_config_dir(source_tree, [prefix, user_base]) == installed
+    source_tree.mkdir(parents=True)
+    assert builtin_config_dir(source_tree, [prefix, user_base]) == source_tree
+
+
+@pytest.mark.slow
+def test_a_regular_install_ships_every_config(tmp_path):
+    """`pip install .` (not editable) has no source tree beside the package: the wheel must carry configs/."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ["setup.cfg", "pyproject.toml", "README.md"]:
+        (source / name).write_bytes((REPO / name).read_bytes())
+    for name in ["finetune", "configs"]:
+        subprocess.run(["cp", "-r", str(REPO / name), str(source / name)], check=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"),
+                            str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("finetune-*.whl")
+    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/finetune/configs/" in n}
+    assert shipped == {p.name for p in (REPO / "configs").glob("*.yaml")}
+    assert len(shipped) >= 10
