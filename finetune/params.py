@@ -148,7 +148,7 @@ class FullFinetuneParams(ParamsIO):
     model: str = param("tiny", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights; none = random init")
     checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     # Data
     dataset: str = param("pkg:data/demo/train.jsonl", "local file or folder, or a HF dataset name")
     dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how records are read")
@@ -283,7 +283,7 @@ class GenerateParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
     checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Prompts
     prompt: Optional[str] = param(None, "the text to continue (or set prompt_file)")
@@ -346,7 +346,7 @@ class QuantizeParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
     checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     # Scheme
     scheme: QuantizeScheme = param(
         "int8_weight_only", "int8_weight_only, int8_dynamic (int8 activations too), int4_weight_only or gptq_int4"
@@ -402,7 +402,7 @@ class EvalParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights, or a quantized one (required)")
     checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Tasks
     tasks: list[str] = param([], "harness task names, e.g. [hellaswag, arc_easy], or your own from include_path")

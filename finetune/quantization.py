@@ -272,6 +272,7 @@ def save_quantized_checkpoint(
     tokenizer_files: Sequence[Union[str, Path]] = (),
     bos_token_id: Optional[int] = None,
     eos_token_id: Optional[Union[int, list[int]]] = None,
+    generation_defaults: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write the quantized model and its description into `out_dir` (see the module docstring)."""
     out = Path(out_dir)
@@ -291,7 +292,8 @@ def save_quantized_checkpoint(
     config = hf_config_from_model_args(args, dtype, bos_token_id, eos_token_id)
     _write_json(out / HF_CONFIG, config)
     if bos_token_id is not None or eos_token_id is not None:
-        _write_json(out / "generation_config.json", {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id})
+        generation = {**(generation_defaults or {}), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        _write_json(out / "generation_config.json", generation)
     _write_json(out / QUANTIZATION_FILE, {
         "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
         "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,

@@ -136,3 +136,29 @@ def write_llama3_ranks(
     )
     path.write_text("".join(lines))
     return path
+
+
+# Llama 3 Instruct's chat template, without the 3.1 date/tool preamble.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def save_llama3_fast_tokenizer(ranks_path: Union[str, Path], out_dir: Union[str, Path]) -> Path:
+    """Save the Hugging Face fast tokenizer of a Llama 3 ranks file into `out_dir`, as a Hub
+    checkpoint ships it (tokenizer.json, tokenizer_config.json, chat template). Needs transformers."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from finetune.tokenizers.tiktoken_tokenizer import SPECIAL_TOKENS
+
+    backend = TikTokenConverter(vocab_file=str(ranks_path), pattern=LLAMA3_PATTERN).converted()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -24,6 +24,8 @@ from finetune.models import ModelArgs
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"
 
 
 def _checkpoint_tensors(state_dict: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -92,9 +94,11 @@ def save_hf_checkpoint(
     tokenizer_files: Sequence[PathLike] = (),
     bos_token_id: Optional[int] = None,
     eos_token_id: Optional[Union[int, list[int]]] = None,
+    generation_defaults: Optional[Mapping] = None,
 ) -> list[Path]:
     """Write model.safetensors (or model-0000k-of-0000n shards + index), config.json,
-    generation_config.json when bos/eos are known, and copies of `tokenizer_files`.
+    generation_config.json when bos/eos are known (with `generation_defaults`, e.g. the source's
+    sampling settings), and copies of `tokenizer_files`.
 
     dtype=None keeps the state dict's dtype. Returns the files written.
     """
@@ -124,8 +128,8 @@ def save_hf_checkpoint(
     config = hf_config_from_model_args(args, stored_dtype, bos_token_id, eos_token_id)
     written.append(_write_json(out / HF_CONFIG, config))
     if bos_token_id is not None or eos_token_id is not None:
-        generation = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-        written.append(_write_json(out / "generation_config.json", generation))
+        generation = {**(generation_defaults or {}), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+        written.append(_write_json(out / GENERATION_CONFIG, generation))
     written += copy_tokenizer_files(tokenizer_files, out)
     return written
 
@@ -148,6 +152,39 @@ def copy_tokenizer_files(files: Sequence[PathLike], out_dir: Path) -> list[Path]
             shutil.copyfile(source, target)
         copied.append(target)
     return copied
+
+
+def hf_output_extras(source_dir: Optional[Path], tokenizer_file: Path, bos_id: int, stop_ids: Sequence[int]) -> dict:
+    """The keyword arguments of save_hf_checkpoint that make an output directory load like its source.
+
+    transformers reads the fast tokenizer (tokenizer.json, with the chat template and special tokens
+    in tokenizer_config.json) before tokenizer.model, so those files travel from beside the tokenizer
+    file (or its checkpoint, for a file in `original/`). Generation stops at every eos id: the source's
+    and every stop token of ours, since a base model fine-tuned on chat data ends its turns with one.
+    """
+    tokenizer_dir = tokenizer_file.parent
+    if tokenizer_dir.name == "original":
+        tokenizer_dir = tokenizer_dir.parent
+    beside = [tokenizer_dir / name for name in HF_TOKENIZER_FILES if name != tokenizer_file.name]
+    files = [tokenizer_file, *(f for f in beside if f.is_file())]
+    generation: dict = {}
+    if source_dir is not None:
+        for name in (HF_CONFIG, GENERATION_CONFIG):  # the generation config wins where both say
+            path = source_dir / name
+            if path.is_file():
+                values = json.loads(path.read_text(encoding="utf-8"))
+                keep = values if name == GENERATION_CONFIG else {k: values[k] for k in ("bos_token_id", "eos_token_id") if k in values}
+                generation.update(keep)
+    source_eos = generation.get("eos_token_id")
+    eos = list(source_eos) if isinstance(source_eos, list) else [] if source_eos is None else [source_eos]
+    eos += [i for i in stop_ids if i not in eos]
+    generation.pop("transformers_version", None)
+    return {
+        "tokenizer_files": files,
+        "bos_token_id": generation.pop("bos_token_id", bos_id),
+        "eos_token_id": eos[0] if len(eos) == 1 else eos,
+        "generation_defaults": {k: v for k, v in generation.items() if k != "eos_token_id"},
+    }
 
 
 def save_meta_checkpoint(

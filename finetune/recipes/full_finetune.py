@@ -29,6 +29,7 @@ from finetune.checkpointing.recipe_state import (
     seed_everything,
 )
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
@@ -230,6 +231,11 @@ class FullFinetuneRecipe:
             max_batches=self.params.eval_max_batches,
         )
 
+    def _hf_output_extras(self) -> dict:
+        source = resolve_path(self.params.checkpoint_dir) if self.params.checkpoint_dir else None
+        return hf_output_extras(source, resolve_tokenizer_path(self.tokenizer_path), self.tokenizer.bos_id,
+                                self.tokenizer.stop_tokens)
+
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
 
@@ -256,10 +262,7 @@ class FullFinetuneRecipe:
             from finetune.checkpointing import save_hf_checkpoint
 
             with atomic_directory(step_dir) as tmp:
-                save_hf_checkpoint(
-                    model_state, self.model_args, tmp, tokenizer_files=[resolve_tokenizer_path(self.tokenizer_path)],
-                    bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-                )
+                save_hf_checkpoint(model_state, self.model_args, tmp, **self._hf_output_extras())
                 self.params.to_yaml(tmp / "params.yaml")
                 save_recipe_state(tmp / RECIPE_STATE_FILE, {
                     "optimizer": optimizer_state,

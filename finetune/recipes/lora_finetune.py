@@ -32,6 +32,7 @@ from finetune.checkpointing.recipe_state import (
     seed_everything,
 )
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
@@ -261,6 +262,11 @@ class LoraFinetuneRecipe:
             max_batches=self.params.eval_max_batches,
         )
 
+    def _hf_output_extras(self) -> dict:
+        source = resolve_path(self.params.checkpoint_dir) if self.params.checkpoint_dir else None
+        return hf_output_extras(source, resolve_tokenizer_path(self.tokenizer_path), self.tokenizer.bos_id,
+                                self.tokenizer.stop_tokens)
+
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
 
@@ -294,10 +300,7 @@ class LoraFinetuneRecipe:
                 )
                 if merged is not None:
                     # Its own folder: transformers would apply an adapter_config.json beside it again.
-                    save_hf_checkpoint(
-                        merged, self.model_args, tmp / MERGED_DIR, tokenizer_files=[resolve_tokenizer_path(self.tokenizer_path)],
-                        bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-                    )
+                    save_hf_checkpoint(merged, self.model_args, tmp / MERGED_DIR, **self._hf_output_extras())
                 self.params.to_yaml(tmp / "params.yaml")
                 save_recipe_state(tmp / RECIPE_STATE_FILE, {
                     "optimizer": optimizer_state,

@@ -19,6 +19,7 @@ import torch
 from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_directory
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
@@ -145,10 +146,9 @@ class QuantizeRecipe:
             },
         }
         with atomic_directory(self.output_dir) as tmp:
-            save_quantized_checkpoint(
-                model, tmp, record, tokenizer_files=[self.tokenizer_file],
-                bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-            )
+            extras = hf_output_extras(self.checkpoint_dir, self.tokenizer_file, self.tokenizer.bos_id,
+                                      self.tokenizer.stop_tokens)
+            save_quantized_checkpoint(model, tmp, record, **extras)
         record = read_quantization_record(self.output_dir)
         self._report(record)
         return record

@@ -1,4 +1,4 @@
-"""Pick and build the right tokenizer for a `tokenizer.model` file or checkpoint directory."""
+"""Pick and build the right tokenizer for a `tokenizer.model` / `tokenizer.json` file or checkpoint directory."""
 
 from pathlib import Path
 from typing import Optional, Union
@@ -7,6 +7,7 @@ from finetune.errors import UserError
 from finetune.tokenizers.base import Tokenizer
 from finetune.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer, parse_model
 from finetune.tokenizers.tiktoken_tokenizer import TikTokenTokenizer, is_ranks_file
+from finetune.tokenizers.tokenizer_json import is_json, read_tokenizer_json_ranks
 
 FAMILIES = ("llama2", "llama3")
 _KIND = {
@@ -14,8 +15,8 @@ _KIND = {
     "llama3": "a tiktoken ranks file (Llama 3)",
 }
 # Where checkpoint directories keep the tokenizer; Hugging Face Llama 3 repos put Meta's
-# file under original/.
-_CANDIDATES = ("tokenizer.model", "original/tokenizer.model")
+# file under original/, and some ship only the fast tokenizer's tokenizer.json.
+_CANDIDATES = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")
 
 
 def normalize_family(family: str) -> str:
@@ -37,8 +38,8 @@ def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
             if (path / name).is_file():
                 return path / name
         raise UserError(
-            f"no tokenizer.model in directory {path}; point the tokenizer path at the "
-            "tokenizer.model file of the checkpoint"
+            f"no tokenizer.model or tokenizer.json in directory {path}; point the tokenizer path at the "
+            "tokenizer file of the checkpoint"
         )
     if not path.is_file():
         raise UserError(
@@ -57,11 +58,6 @@ def detect_family(path: Path, data: bytes) -> str:
         return "llama3"
     if parse_model(data) is not None:
         return "llama2"
-    if data.lstrip()[:1] == b"{":
-        raise UserError(
-            f"{path} is a JSON file (a Hugging Face tokenizer.json?), not a tokenizer.model; "
-            "point the tokenizer path at tokenizer.model (original/tokenizer.model for Llama 3)"
-        )
     raise UserError(
         f"{path} is neither {_KIND['llama2']} nor {_KIND['llama3']}; point the tokenizer "
         "path at the tokenizer.model that ships with the checkpoint"
@@ -78,7 +74,8 @@ def load_tokenizer(path: Union[str, Path], family: Optional[str] = None) -> Toke
     """
     file = resolve_tokenizer_path(path)
     data = file.read_bytes()
-    kind = detect_family(file, data)
+    ranks = read_tokenizer_json_ranks(file, data) if is_json(data) else None
+    kind = "llama3" if ranks is not None else detect_family(file, data)
     if family is not None:
         wanted = normalize_family(family)
         if wanted != kind:
@@ -87,7 +84,7 @@ def load_tokenizer(path: Union[str, Path], family: Optional[str] = None) -> Toke
                 f"the tokenizer.model that ships with the {wanted} checkpoint"
             )
     if kind == "llama3":
-        return TikTokenTokenizer(file, data=data)
+        return TikTokenTokenizer(file, data=data, ranks=ranks)
     return SentencePieceTokenizer(file, data=data)
 
 

@@ -121,14 +121,17 @@ def _split_at_spaces(text: str) -> Iterator[str]:
 class TikTokenTokenizer:
     """Tokenizer for Llama 3 / 3.1 / 3.2 models (`tokenizer.model` of base64 ranks).
 
-    `data` may hold the file's bytes when the caller has already read them.
+    `data` may hold the file's bytes when the caller has already read them; `ranks` the ranks
+    when they come from elsewhere (a tokenizer.json).
     """
 
     family = "llama3"
 
-    def __init__(self, path: Union[str, Path], data: Optional[bytes] = None) -> None:
+    def __init__(
+        self, path: Union[str, Path], data: Optional[bytes] = None, ranks: Optional[dict[bytes, int]] = None
+    ) -> None:
         self.path = Path(path)
-        ranks = read_ranks(self.path, data)
+        ranks = ranks if ranks is not None else read_ranks(self.path, data)
         self.num_base_tokens = len(ranks)
         self.special_tokens = {
             tok: self.num_base_tokens + i for i, tok in enumerate(SPECIAL_TOKENS)

@@ -155,3 +155,50 @@ def test_legacy_transformers4_config_is_read(tmp_path, make_hf_model):
     assert args.rope_theta == 500_000.0
     assert args.rope_scaling.factor == 8.0 and args.rope_scaling.original_max_position_embeddings == 16
     assert (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads) == (64, 112, 2, 4, 2)
+
+
+def test_output_loads_the_source_tokenizer_and_stops_at_every_eos(tmp_path):
+    """An output directory is what transformers needs beside the weights: the source's fast
+    tokenizer and chat template, its generation defaults, and its eos ids plus our stop tokens."""
+    import dataclasses
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from finetune.checkpointing.writers import hf_output_extras
+    from finetune.tokenizers import load_tokenizer
+    from tests.tokenizer_fixtures import save_llama3_fast_tokenizer, write_llama3_ranks
+
+    source = tmp_path / "source"
+    ranks = write_llama3_ranks(source / "original" / "tokenizer.model")
+    save_llama3_fast_tokenizer(ranks, source)
+    tokenizer = load_tokenizer(source)
+    source_eos = [tokenizer.eos_id, tokenizer.eot_id]
+    (source / "config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}))
+    (source / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": source_eos, "temperature": 0.6, "top_p": 0.9}))
+
+    args = dataclasses.replace(model_args("tiny"), vocab_size=tokenizer.vocab_size)
+    extras = hf_output_extras(source, ranks, tokenizer.bos_id, tokenizer.stop_tokens)
+    save_hf_checkpoint(build_model(args).state_dict(), args, tmp_path / "out", **extras)
+
+    theirs, reloaded = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(tmp_path / "out")
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    assert reloaded.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+    for text in ["<|eot_id|>hi there", "Grüße, 12345!"]:
+        assert reloaded.encode(text) == theirs.encode(text)
+    generation = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == [*source_eos, tokenizer.eom_id]
+    assert (generation.temperature, generation.top_p, generation.bos_token_id) == (0.6, 0.9, tokenizer.bos_id)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eos_token_id"] == generation.eos_token_id
+
+
+def test_output_without_a_source_lists_every_stop_token(tmp_path):
+    from finetune.checkpointing.writers import hf_output_extras
+    from tests.tokenizer_fixtures import write_llama3_ranks
+
+    ranks = write_llama3_ranks(tmp_path / "tokenizer.model")
+    extras = hf_output_extras(None, ranks, 512, [513, 521, 520])
+    assert extras == {"tokenizer_files": [ranks], "bos_token_id": 512, "eos_token_id": [513, 521, 520],
+                      "generation_defaults": {}}
+    assert hf_output_extras(None, ranks, 1, [2])["eos_token_id"] == 2
