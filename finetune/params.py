@@ -156,6 +156,7 @@ class FullFinetuneParams(ParamsIO):
     column_map: Optional[dict[str, str]] = param(None, "expected column -> your column, e.g. {output: answer}")
     split: str = param("train", "dataset split to train on")
     eval_dataset: Optional[str] = param(None, "held-out data for eval loss; none = no eval")
+    eval_split: str = param("train", "split of eval_dataset, e.g. test, or train[90%:] beside split=train[:90%]")
     eval_every_n_steps: Optional[int] = param(None, "eval loss every N steps (and at the end)")
     eval_max_batches: Optional[int] = param(None, "cap on eval batches per evaluation")
     max_seq_len: int = param(512, "samples are truncated (or packed) to this many tokens")

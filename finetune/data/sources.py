@@ -3,7 +3,7 @@
 Every loader returns `Records`: a list of dicts that remembers where each record came
 from, so a bad value can be reported as "train.jsonl line 7" rather than "record 6".
 
-Local formats: `.json` (a list of objects), `.jsonl`, `.csv`, `.tsv`, `.parquet` and
+Local formats: `.json` (a list of objects, or one object per line), `.jsonl`, `.csv`, `.tsv`, `.parquet` and
 `.txt`. A `.txt` file is one record `{"text": <whole file>}`: text datasets are usually
 documents, and splitting them on newlines would cut paragraphs apart. A folder is either a
 dataset saved with `datasets.save_to_disk` (needs the optional `datasets` package) or a
@@ -168,6 +168,9 @@ def _read_json(text: str, name: str) -> Records:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):
+            # One object per line under a .json name, as datasets' to_json and pandas' lines=True write.
+            return _read_jsonl(text, name)
         raise UserError(
             f"{name} line {e.lineno} column {e.colno} is not valid JSON ({e.msg}); fix the file"
         ) from None

@@ -96,7 +96,7 @@ class FullFinetuneRecipe:
         self.eval_loader = None
         if p.eval_dataset:
             self.eval_loader, _ = build_data(
-                p, self.tokenizer, self.dist, source=p.eval_dataset, split="train", shuffle=False, log=self.log
+                p, self.tokenizer, self.dist, source=p.eval_dataset, split=p.eval_split, shuffle=False, log=self.log
             )
         self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)
         self.optimizer = build_optimizer(

@@ -109,7 +109,7 @@ class LoraFinetuneRecipe:
         self.eval_loader = None
         if p.eval_dataset:
             self.eval_loader, _ = build_data(
-                p, self.tokenizer, self.dist, source=p.eval_dataset, split="train", shuffle=False, log=self.log
+                p, self.tokenizer, self.dist, source=p.eval_dataset, split=p.eval_split, shuffle=False, log=self.log
             )
         self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)
         self.optimizer = build_optimizer(
@@ -296,7 +296,7 @@ class LoraFinetuneRecipe:
             with atomic_directory(step_dir) as tmp:
                 save_peft_adapter(
                     adapter, tmp, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, use_dora=p.use_dora,
-                    base_model_name_or_path=str(resolve_path(p.checkpoint_dir)) if p.checkpoint_dir else None,
+                    base_model_name_or_path=str(resolve_path(p.checkpoint_dir).resolve()) if p.checkpoint_dir else None,
                 )
                 if merged is not None:
                     # Its own folder: transformers would apply an adapter_config.json beside it again.

@@ -88,6 +88,15 @@ def test_records_know_their_line(tmp_path: Path) -> None:
     assert json_records.where(1) == f"{tmp_path / 'd.json'} record 2"
 
 
+def test_json_file_of_json_lines_loads_as_datasets_to_json_writes_it(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.json", ALPACA_RECORDS)
+    records = load_records(str(path))
+    assert records == ALPACA_RECORDS and records.where(1) == f"{path} line 2"
+    path.write_text(path.read_text() + "{oops\n", encoding="utf-8")
+    with pytest.raises(UserError, match=rf"d.json line {len(ALPACA_RECORDS) + 1} column 2 is not valid JSON"):
+        load_records(str(path))
+
+
 def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA_RECORDS[0]).encode() + b"\n")

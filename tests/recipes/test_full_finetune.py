@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finetune.cli import main
-from finetune.params import FullFinetuneParams
+from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes.full_finetune import FullFinetuneRecipe
 from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, train_losses, tensors, tune, wait_for
 
@@ -43,6 +43,17 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     assert FullFinetuneParams.from_yaml(step_dir / "params.yaml") == p
     record = metrics(tmp_path / "out")[-1]
     assert record["tokens_per_second"] > 0 and record["grad_norm"] > 0 and record["peak_memory_gb"] > 0
+
+
+def test_eval_split_holds_out_the_rest_of_the_training_file(tmp_path):
+    recipe = FullFinetuneRecipe(params(tmp_path, split="train[:90%]", eval_dataset=TINY["dataset"],
+                                       eval_split="train[90%:]"))
+    recipe.setup()
+    train, held_out = recipe.train_loader.dataset, recipe.eval_loader.dataset
+    records = [line for line in resolve_path(TINY["dataset"]).read_text().splitlines() if line.strip()]
+    assert (len(train), len(held_out)) == (round(0.9 * len(records)), len(records) - round(0.9 * len(records)))
+    assert held_out[0]["tokens"] != train[0]["tokens"]
+    recipe.cleanup()
 
 
 def gradients(recipe: FullFinetuneRecipe, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
