@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import yaml
 
 from finetune.errors import UserError
-from finetune.params import LoraFinetuneParams, describe_type, matches_type
+from finetune.params import FullFinetuneParams, LoraFinetuneParams, describe_type, matches_type
 
 
 def builtin_config_dir(source_tree: Path = Path(__file__).resolve().parent.parent / "configs",
@@ -174,7 +174,7 @@ def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Convert a CLI string or a YAML value to the field's type, or raise a UserError."""
     try:
         result = _coerce(value, tp)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError, yaml.YAMLError):  # malformed lists and mappings too
         result = _INVALID
     if result is _INVALID or not matches_type(result, tp):
         raise UserError(
@@ -298,9 +298,11 @@ class TuneArgumentParser:
     def _check_key(self, key: str, where: str) -> None:
         if key in self.fields:
             return
-        close = difflib.get_close_matches(key, list(self.fields), n=1, cutoff=0.5)
+        # torchtune nests settings (optimizer.lr, checkpointer.output_dir); ours are flat.
+        leaf = key.rsplit(".", 1)[-1]
+        close = [leaf] if leaf in self.fields else difflib.get_close_matches(leaf, list(self.fields), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        if key in {f.name for f in dataclasses.fields(LoraFinetuneParams)}:
+        if leaf in {f.name for f in dataclasses.fields(LoraFinetuneParams)} - set(self.fields):
             hint = "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed; "
         raise UserError(f"unknown key '{key}' {where}; {hint}run with --help to list every key")
 
@@ -423,7 +425,7 @@ def cmd_cp(argv: Sequence[str]) -> int:
         assert spec is not None and spec.origin is not None
         source = Path(spec.origin)
     target = Path(dest)
-    if target.is_dir():
+    if target.is_dir() or dest.endswith(("/", os.sep)):
         target = target / source.name
     if target.exists():
         raise UserError(f"{target} already exists; choose another destination or delete it first")
@@ -433,9 +435,26 @@ def cmd_cp(argv: Sequence[str]) -> int:
     return 0
 
 
+def recipe_for_config(argv: Sequence[str]) -> str:
+    """The recipe a config is for: by its name in the registry, or by its keys for a file of the user's."""
+    config = launcher_flag(argv, "--config")
+    if config is None:
+        return "full_finetune"
+    name = config.removesuffix(".yaml")
+    for entry in RECIPES:
+        if name in entry.configs:
+            return entry.name
+    try:
+        keys = set(yaml.safe_load(resolve_config_path(config).read_text(encoding="utf-8")) or {})
+    except (UserError, OSError, yaml.YAMLError, TypeError, ValueError):
+        return "full_finetune"  # the parser reports what is wrong with the file
+    lora_only = {f.name for f in dataclasses.fields(LoraFinetuneParams)} - {f.name for f in dataclasses.fields(FullFinetuneParams)}
+    return "lora_finetune" if keys & lora_only else "full_finetune"
+
+
 def cmd_validate(argv: Sequence[str]) -> int:
-    recipe = "full_finetune"
     argv = list(argv)
+    recipe = recipe_for_config(argv)
     if "--recipe" in argv:
         i = argv.index("--recipe")
         if i + 1 >= len(argv):
@@ -465,6 +484,8 @@ def tune_main(argv: Sequence[str]) -> int:
         return 0 if rest else 2
     command, *command_argv = rest
     if command == "run":
+        more_launcher, command_argv = split_launcher_args(command_argv)  # tune run --nproc_per_node 2 <recipe>
+        launcher += more_launcher
         if not command_argv:
             raise UserError("tune run needs a recipe name: tune run full_finetune --config tiny_full")
         command, *command_argv = command_argv

@@ -1,5 +1,6 @@
 """Architecture files: Hugging Face `config.json` and Meta `params.json` <-> `ModelArgs`."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -272,4 +273,33 @@ def resolve_model_args(model: str, checkpoint_dir: Optional[PathLike], checkpoin
         return read_model_args(checkpoint_dir, checkpoint_format)
     if checkpoint_dir is not None and not Path(checkpoint_dir).exists():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist; check checkpoint_dir")
-    return model_args(model)
+    named = model_args(model)
+    if checkpoint_dir is not None:
+        check_named_model_matches(model, named, checkpoint_dir, checkpoint_format)
+    return named
+
+
+# A context length is a training choice, not part of the weights; the family follows from the rest.
+_NOT_COMPARED = ("max_seq_len", "family")
+
+
+def check_named_model_matches(name: str, named: ModelArgs, checkpoint_dir: PathLike, checkpoint_format: str) -> None:
+    """Refuse a registry name whose architecture differs from the checkpoint's own config.
+
+    Same-shaped weights would load and train silently wrong (say, a Llama 3.0 checkpoint run
+    under llama3_1_8b's rope scaling) and the output's config.json would claim the wrong model.
+    """
+    try:
+        theirs = read_model_args(checkpoint_dir, checkpoint_format)
+    except UserError:
+        return  # no config to compare with: the weights' shapes are checked when they load
+    differences = [
+        f"{f.name} {getattr(named, f.name)} vs {getattr(theirs, f.name)}"
+        for f in dataclasses.fields(named)
+        if f.name not in _NOT_COMPARED and getattr(named, f.name) != getattr(theirs, f.name)
+    ]
+    if differences:
+        raise UserError(
+            f"model={name} does not match the checkpoint in {checkpoint_dir} ({'; '.join(differences)}); "
+            "set model=auto to use the checkpoint's own architecture"
+        )

@@ -126,6 +126,31 @@ def load_recipe_state(path: Path | str) -> dict[str, Any]:
     return state
 
 
+def claim_output_dir(output_dir: Path | str, resume: bool) -> None:
+    """Make `output_dir`, refusing to start a fresh run over an earlier run's checkpoints.
+
+    A fresh run there would mix its metrics with the old ones, prune the old run's checkpoints
+    (or its own, by step number), and a later resume would pick whichever step is highest.
+    """
+    from finetune.checkpointing.atomic import list_checkpoints
+
+    root = Path(output_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"output_dir {root} is a file, not a directory; choose another output_dir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output_dir {root} ({e.strerror}); choose a writable output_dir") from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"output_dir {root} is not writable; choose a writable output_dir")
+    existing = list_checkpoints(root)
+    if existing and not resume:
+        raise UserError(
+            f"output_dir {root} already holds checkpoints of an earlier run ({', '.join(p.name for p in existing)}); "
+            "set resume_from_checkpoint=true to continue it, or choose another output_dir"
+        )
+
+
 def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None]) -> Optional[Path]:
     """The newest complete `step_<N>` in `output_dir`, or None (said once) on a first start."""
     from finetune.checkpointing.atomic import latest_checkpoint

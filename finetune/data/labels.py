@@ -26,13 +26,16 @@ def truncate(
     """Cut a sample to `max_seq_len` tokens, keeping its final (end-of-sequence) token.
 
     Keeping the closing token means a truncated response still teaches the model to stop,
-    and generation from a fine-tuned model does not learn to run on forever.
+    and generation from a fine-tuned model does not learn to run on forever. A cut inside a
+    masked span (the prompt) masks the closing token too: the model must not learn to end
+    its turn right after a half-read prompt.
     """
     if len(tokens) <= max_seq_len:
         return tokens, mask
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-    return tokens[: max_seq_len - 1] + tokens[-1:], mask[: max_seq_len - 1] + mask[-1:]
+    closing_masked = mask[-1] or mask[max_seq_len - 2]
+    return tokens[: max_seq_len - 1] + tokens[-1:], mask[: max_seq_len - 1] + [closing_masked]
 
 
 def has_targets(labels: Sequence[int]) -> bool:

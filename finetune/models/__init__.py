@@ -61,5 +61,6 @@ def model_args_from_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> Model
 
 
 def num_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters, each shared Parameter (tied embeddings) counted once."""
+    """Number of parameters, each shared Parameter (tied embeddings) counted once; a sharded
+    (FSDP2 DTensor) parameter counts its full size on every rank."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
 from finetune.checkpointing.recipe_state import (
+    claim_output_dir,
     find_resume_checkpoint,
     gather_rng_states,
     load_recipe_state,
@@ -79,6 +80,7 @@ class FullFinetuneRecipe:
             keep_freed_host_memory()
         self.dtype = resolve_run_dtype(p.dtype, self.device)
         seed_everything(p.seed, self.dist.rank)
+        claim_output_dir(self.output_dir, resume=p.resume_from_checkpoint)
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -103,13 +105,14 @@ class FullFinetuneRecipe:
             p.optimizer, self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, device=self.device
         )
         self.lr_scheduler = build_lr_scheduler(
-            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs
+            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs,
+            log=self.log,
         )
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
         self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
         self.log(
-            f"model {p.model}: {num_params(self.model) * (self.dist.world_size if self.dist.is_distributed else 1):,} "
+            f"model {p.model}: {num_params(self.model):,} "
             f"parameters on {self.device} in {self.dtype}; {self.dist.world_size} process(es); "
             f"{self.steps_per_epoch} steps per epoch"
         )
@@ -289,6 +292,8 @@ class FullFinetuneRecipe:
             self.monitor.fail(str(error) or type(error).__name__)
 
     def cleanup(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
         for logger in getattr(self, "metric_loggers", []):
             logger.close()
         destroy_distributed()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
 from finetune.checkpointing.recipe_state import (
+    claim_output_dir,
     find_resume_checkpoint,
     gather_rng_states,
     load_recipe_state,
@@ -91,6 +92,7 @@ class LoraFinetuneRecipe:
             keep_freed_host_memory()
         self.dtype = resolve_run_dtype(p.dtype, self.device)
         seed_everything(p.seed, self.dist.rank)
+        claim_output_dir(self.output_dir, resume=p.resume_from_checkpoint)
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,15 +118,15 @@ class LoraFinetuneRecipe:
             p.optimizer, self.trainable_params, lr=p.lr, weight_decay=p.weight_decay, device=self.device
         )
         self.lr_scheduler = build_lr_scheduler(
-            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs
+            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs,
+            log=self.log,
         )
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
         self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
-        shards = self.dist.world_size if self.dist.is_distributed else 1
         self.log(
-            f"model {p.model} with LoRA: {num_params(self.model, trainable_only=True) * shards:,} trainable of "
-            f"{num_params(self.model) * shards:,} parameters on {self.device} in {self.dtype}; "
+            f"model {p.model} with LoRA: {num_params(self.model, trainable_only=True):,} trainable of "
+            f"{num_params(self.model):,} parameters on {self.device} in {self.dtype}; "
             f"{self.dist.world_size} process(es); {self.steps_per_epoch} steps per epoch"
         )
 
@@ -337,6 +339,8 @@ class LoraFinetuneRecipe:
             self.monitor.fail(str(error) or type(error).__name__)
 
     def cleanup(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
         for logger in getattr(self, "metric_loggers", []):
             logger.close()
         destroy_distributed()

@@ -5,7 +5,7 @@ Each is a `LambdaLR` whose multiplier depends only on the step count, so resumin
 """
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -35,15 +35,17 @@ def _multiplier(name: str, warmup_steps: int, total_steps: int) -> Callable[[int
     return schedule
 
 
-def build_lr_scheduler(name: str, optimizer: Optimizer, *, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Scheduler that multiplies each group's base lr; call `.step()` once per optimizer step."""
+def build_lr_scheduler(
+    name: str, optimizer: Optimizer, *, warmup_steps: int, total_steps: int, log: Optional[Callable[[str], None]] = None
+) -> LambdaLR:
+    """Scheduler that multiplies each group's base lr; call `.step()` once per optimizer step.
+
+    A run no longer than its warm-up (a quick trial with max_steps_per_epoch) only warms up.
+    """
     if name not in SCHEDULES:
         raise UserError(f"unknown lr_scheduler {name!r}; use one of: {', '.join(SCHEDULES)}")
     if warmup_steps < 0:
         raise UserError(f"warmup_steps must be >= 0, got {warmup_steps}; set warmup_steps=0 or more")
-    if name != "constant" and total_steps <= warmup_steps:
-        raise UserError(
-            f"total steps ({total_steps}) must exceed warmup_steps ({warmup_steps}) for the {name} "
-            "schedule; lower warmup_steps or train for more steps"
-        )
+    if total_steps <= warmup_steps and log is not None:
+        log(f"the run ({total_steps} steps) ends within warmup_steps ({warmup_steps}): the lr only warms up")
     return LambdaLR(optimizer, _multiplier(name, warmup_steps, total_steps))

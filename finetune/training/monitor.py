@@ -141,3 +141,11 @@ class JobMonitor:
     def finish(self) -> None:
         self._stop_heartbeat()
         self._set(state="done")
+
+    def close(self) -> None:
+        """End monitoring; a run closed before it finished (a notebook's failed setup) is failed."""
+        if self._stop.is_set():
+            return
+        self._stop_heartbeat()
+        if self.enabled and self._status["state"] not in ("done", "failed"):
+            self._set(state="failed", error="closed before training finished")

@@ -202,3 +202,22 @@ def test_output_without_a_source_lists_every_stop_token(tmp_path):
     assert extras == {"tokenizer_files": [ranks], "bos_token_id": 512, "eos_token_id": [513, 521, 520],
                       "generation_defaults": {}}
     assert hf_output_extras(None, ranks, 1, [2])["eos_token_id"] == 2
+
+
+def test_a_named_model_that_differs_from_the_checkpoints_config_is_refused(tmp_path):
+    import dataclasses
+
+    from finetune.checkpointing.model_configs import resolve_model_args
+    from finetune.errors import UserError
+
+    tiny = model_args("tiny")
+    save_hf_checkpoint(build_model(tiny).state_dict(), tiny, tmp_path / "same")
+    assert resolve_model_args("tiny", tmp_path / "same") == tiny
+    other = dataclasses.replace(tiny, rope_theta=500_000.0, norm_eps=1e-6)  # same shapes, other model
+    save_hf_checkpoint(build_model(other).state_dict(), other, tmp_path / "other")
+    with pytest.raises(UserError) as info:
+        resolve_model_args("tiny", tmp_path / "other")
+    assert str(info.value) == (
+        f"model=tiny does not match the checkpoint in {tmp_path / 'other'} (norm_eps 1e-05 vs 1e-06; "
+        f"rope_theta {tiny.rope_theta} vs 500000.0); set model=auto to use the checkpoint's own architecture")
+    assert resolve_model_args("auto", tmp_path / "other") == dataclasses.replace(other, max_seq_len=tiny.max_seq_len)

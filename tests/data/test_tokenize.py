@@ -33,8 +33,13 @@ def build(tmp_path: Path, records: list[dict], tokenizer: Tokenizer, **kwargs): 
 
 def test_shifted_labels_and_truncate_by_hand() -> None:
     assert shifted_labels([1, 10, 11, 12, 2], [True, True, False, False, False]) == [X, 11, 12, 2, X]
+    # Cut inside the response: the closing token still teaches the model to stop.
+    assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 4) == (
+        [1, 10, 11, 2], [True, True, False, False]
+    )
+    # Cut inside the prompt: ending the turn there is not something to learn.
     assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 3) == (
-        [1, 10, 2], [True, True, False]
+        [1, 10, 2], [True, True, True]
     )
 
 
@@ -85,6 +90,15 @@ def test_truncation_keeps_eos_and_is_reported_once(tmp_path: Path, sp_tokenizer:
         f"dataset {tmp_path / 'd.jsonl'}: 3 samples, 46 tokens; 2 of 3 samples were longer "
         "than max_seq_len=16 and were truncated (longest 31 tokens)"
     ]
+
+
+def test_a_sample_cut_inside_its_prompt_is_skipped_not_taught_to_stop(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    messages: list[str] = []
+    long_prompt = {"instruction": " ".join(["word"] * 40), "input": "", "output": "yes"}
+    dataset = build(tmp_path, [long_prompt, ALPACA_RECORDS[0]], sp_tokenizer, template="plain", max_seq_len=16,
+                    log=messages.append)
+    assert len(dataset) == 1 and len(dataset[0]["tokens"]) == 14
+    assert messages[0].endswith("; 1 samples with nothing left to learn were skipped")
 
 
 def test_reports_stay_silent_off_rank_zero(

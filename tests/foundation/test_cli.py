@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -164,8 +165,10 @@ def test_user_recipe_by_path(tmp_path, config):
 
 
 @pytest.mark.slow
-def test_dummy_with_two_processes(tmp_path, config):
-    result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "max_steps_per_epoch=2")
+@pytest.mark.parametrize("launch", [["--nproc_per_node", "2", "dummy"], ["run", "--nproc_per_node", "2", "dummy"]],
+                         ids=["tune", "tune-run"])
+def test_dummy_with_two_processes(tmp_path, config, launch):
+    result = tune(*launch, "--config", str(config), "max_steps_per_epoch=2")
     assert result.returncode == 0, result.stderr
     assert "dummy: rank 0 of 2" in result.stdout and "dummy: rank 1 of 2" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -179,6 +182,28 @@ def test_bad_config_with_two_processes_is_one_line(config):
     result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "lr=-1")
     assert result.returncode == 2
     assert "lr=-1.0 must be positive" in single_error_line(result.stderr)
+
+
+def test_validate_picks_the_recipe_a_config_is_for(capsys, tmp_path):
+    code, out = run_in_process(capsys, "validate", "--config", "tiny_lora")
+    assert code == 0 and out.out.startswith("LoraFinetuneParams:") and "config is valid" in out.out
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: tiny\ntokenizer_path: pkg:data/demo/tokenizer.model\nlora_rank: 4\n")
+    code, out = run_in_process(capsys, "validate", "--config", str(own))
+    assert code == 0 and re.search(r"lora_rank += 4\n", out.out)
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [("optimizer.lr=1e-4", "did you mean 'lr'?"),
+                                                      ("checkpointer.output_dir=/x", "did you mean 'output_dir'?")])
+def test_torchtune_nested_keys_suggest_the_flat_key(capsys, config, override, suggestion):
+    code, out = run_in_process(capsys, "validate", "--config", str(config), override)
+    assert code == 2 and suggestion in single_error_line(out.err)
+
+
+@pytest.mark.parametrize("override", ["column_map={a: 1", "lora_attn_modules=[q_proj, v_proj"])
+def test_malformed_list_or_mapping_is_one_error_line(capsys, override):
+    code, out = run_in_process(capsys, "validate", "--config", "tiny_lora", override)
+    assert code == 2 and "is not valid: expected" in single_error_line(out.err)
 
 
 def test_configs_are_found_in_the_source_tree_else_where_an_install_put_them(tmp_path):

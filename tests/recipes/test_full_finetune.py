@@ -6,6 +6,7 @@ monitor tells the truth."""
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -134,6 +135,42 @@ def test_status_goes_starting_running_done(tmp_path, monkeypatch):
     assert status["last_checkpoint"] == str(tmp_path / "out" / "step_2")
 
 
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_keeps_them(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=3, warmup_steps=1)]) == 0
+    before = (out / "step_3" / "model.safetensors").read_bytes()
+    lines_before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=2, warmup_steps=1, keep_last_n_checkpoints=1)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: output_dir {out} already holds checkpoints of an earlier run (step_3); "
+                   "set resume_from_checkpoint=true to continue it, or choose another output_dir")
+    assert (out / "step_3" / "model.safetensors").read_bytes() == before
+    assert (out / "metrics.jsonl").read_text() == lines_before
+
+
+def test_an_output_dir_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    assert main(["finetune_llm", *as_argv(output_dir=tmp_path / "taken", max_steps_per_epoch=2)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: output_dir {tmp_path / 'taken'} is a file, not a directory; choose another output_dir"
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_cleanup_after_a_failed_setup_ends_the_job_status(tmp_path):
+    from finetune.errors import UserError
+
+    recipe = FullFinetuneRecipe(params(tmp_path, dataset=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(UserError, match="missing.jsonl"):
+        recipe.setup()
+    recipe.cleanup()
+    heartbeat = recipe.monitor._thread
+    assert heartbeat is not None and not heartbeat.is_alive()
+    status = json.loads((tmp_path / "out" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == "closed before training finished"
+
+
 def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     original = FullFinetuneRecipe.accumulate_gradients
 
@@ -182,6 +219,8 @@ def test_two_processes_follow_one_process(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     for a, b in zip(train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), strict=True):
         assert abs(a - b) <= 1e-4
+    counts = [re.search(r"model tiny: ([\d,]+) parameters", r.stderr).group(1) for r in (one, two)]
+    assert counts[0] == counts[1], counts  # sharded parameters count their full size once
     wa, wb = (tensors(tmp_path / run / "step_4" / "model.safetensors") for run in ("one", "two"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-4, msg=name)
