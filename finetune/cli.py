@@ -271,7 +271,10 @@ class TuneArgumentParser:
         return "\n".join(lines)
 
     def parse_args(self, argv: Optional[Sequence[str]] = None) -> Any:
-        args = self.parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        # Intermixed: KEY=VALUE may come before and after --config, as users type them.
+        args = self.parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+        if not args.config and args.assignments and "=" not in args.assignments[0]:
+            args.config, args.assignments = args.assignments[0], args.assignments[1:]  # `tune validate my.yaml`
         values: dict[str, Any] = {}
         if args.config:
             path = resolve_config_path(args.config)
@@ -437,7 +440,8 @@ def cmd_cp(argv: Sequence[str]) -> int:
 
 def recipe_for_config(argv: Sequence[str]) -> str:
     """The recipe a config is for: by its name in the registry, or by its keys for a file of the user's."""
-    config = launcher_flag(argv, "--config")
+    positional = [a for a in argv if "=" not in a and not a.startswith("-")]
+    config = launcher_flag(argv, "--config") or (positional[0] if positional else None)
     if config is None:
         return "full_finetune"
     name = config.removesuffix(".yaml")
@@ -454,13 +458,14 @@ def recipe_for_config(argv: Sequence[str]) -> str:
 
 def cmd_validate(argv: Sequence[str]) -> int:
     argv = list(argv)
-    recipe = recipe_for_config(argv)
     if "--recipe" in argv:
         i = argv.index("--recipe")
         if i + 1 >= len(argv):
             raise UserError("--recipe needs a recipe name")
         recipe = argv[i + 1]
         del argv[i : i + 2]
+    else:
+        recipe = recipe_for_config(argv)
     params_cls = params_class_for(recipe)
     if params_cls is None:
         raise UserError(f"recipe '{recipe}' declares no PARAMS_CLASS, so it cannot be validated")

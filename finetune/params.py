@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,9 @@ def _check_field_types(params: Any) -> None:
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
         expected = hints[f.name]
+        if isinstance(value, os.PathLike) and matches_type("", expected):  # a notebook's pathlib.Path
+            value = os.fspath(value)
+            setattr(params, f.name, value)
         if typing.get_origin(expected) is Literal:
             _check_choice(f.name, value, typing.get_args(expected))
         elif typing.get_origin(expected) is list and typing.get_origin(typing.get_args(expected)[0]) is Literal:
@@ -114,6 +119,10 @@ def describe_type(tp: Any) -> str:
 
 class ParamsIO:
     """YAML in and out, shared by every Params dataclass (data only, no recipe behaviour)."""
+
+    def check(self) -> None:
+        """Check every field again: a notebook may have changed one since the params were built."""
+        self.__post_init__()  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -224,7 +233,7 @@ class FullFinetuneParams(ParamsIO):
                      "eval_every_n_steps", "eval_max_batches"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
-        _require(self.lr > 0, f"lr={self.lr} must be positive")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
         _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be 0 or more")
         _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
         _require(
@@ -238,7 +247,7 @@ class FullFinetuneParams(ParamsIO):
         )
         _require(
             self.eval_every_n_steps is None or self.eval_dataset is not None,
-            "eval_every_n_steps is set but eval_dataset is not; set eval_dataset",
+            "eval_every_n_steps is set but eval_dataset is not; set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
 

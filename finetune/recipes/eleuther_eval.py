@@ -223,6 +223,7 @@ class EleutherEvalRecipe:
 
     def setup(self) -> None:
         p = self.params
+        p.check()  # a notebook may have changed a field since the params were built
         self.lm_eval = import_lm_eval()
         # Task names are checked before gigabytes of weights are read.
         self.task_manager = self._task_manager()

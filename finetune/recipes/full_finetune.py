@@ -73,6 +73,7 @@ class FullFinetuneRecipe:
 
     def setup(self) -> None:
         p = self.params
+        p.check()  # a notebook may have changed a field since the params were built
         self.dist = init_distributed(resolve_device(p.device).type)
         self.rank_zero = self.dist.rank == 0
         self.device = resolve_device(p.device, self.dist.local_rank)
@@ -89,7 +90,6 @@ class FullFinetuneRecipe:
 
         resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
         self.model_args = resolve_model_args(p.model, resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
-        self.model = self._setup_model(resume_dir)
         self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
         self.tokenizer = load_tokenizer_for_model(self.tokenizer_path, self.model_args.family, self.model_args.vocab_size)
         self.train_loader, self.sampler = build_data(
@@ -100,6 +100,8 @@ class FullFinetuneRecipe:
             self.eval_loader, _ = build_data(
                 p, self.tokenizer, self.dist, source=p.eval_dataset, split=p.eval_split, shuffle=False, log=self.log
             )
+        # Weights last: a bad tokenizer or dataset is reported before minutes of loading.
+        self.model = self._setup_model(resume_dir)
         self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)
         self.optimizer = build_optimizer(
             p.optimizer, self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, device=self.device

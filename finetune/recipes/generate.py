@@ -61,6 +61,7 @@ class GenerateRecipe:
 
     def setup(self) -> None:
         p = self.params
+        p.check()  # a notebook may have changed a field since the params were built
         self.device = resolve_device(p.device)
         self.dtype = resolve_dtype(self._dtype_name(), self.device)
         checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]

@@ -56,6 +56,7 @@ class QuantizeRecipe:
 
     def setup(self) -> None:
         p = self.params
+        p.check()  # a notebook may have changed a field since the params were built
         self.device = resolve_device(p.device)
         # bf16 matmuls are emulated and many times slower on CPUs.
         self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)

@@ -56,8 +56,8 @@ class WandbLogger:
             import wandb
         except ImportError:
             raise UserError(
-                "metric_logger=wandb needs the wandb package, which is not installed; "
-                "run `pip install wandb` or use metric_logger=tensorboard"
+                "metric_logger_type=wandb needs the wandb package, which is not installed; "
+                "run `pip install wandb` or use metric_logger_type=tensorboard"
             ) from None
         self._wandb = wandb
         self._run = wandb.init(project=project, dir=str(output_dir), config=config, resume="allow")

@@ -193,6 +193,13 @@ def test_validate_picks_the_recipe_a_config_is_for(capsys, tmp_path):
     assert code == 0 and re.search(r"lora_rank += 4\n", out.out)
 
 
+def test_overrides_before_and_after_config_and_a_positional_config(capsys):
+    code, out = run_in_process(capsys, "validate", "batch_size=8", "--config", "tiny_full", "shuffle=false")
+    assert code == 0 and re.search(r"batch_size += 8\n", out.out) and re.search(r"shuffle += False\n", out.out)
+    code, out = run_in_process(capsys, "validate", "tiny_lora", "lora_rank=4")
+    assert code == 0 and re.search(r"lora_rank += 4\n", out.out)
+
+
 @pytest.mark.parametrize(("override", "suggestion"), [("optimizer.lr=1e-4", "did you mean 'lr'?"),
                                                       ("checkpointer.output_dir=/x", "did you mean 'output_dir'?")])
 def test_torchtune_nested_keys_suggest_the_flat_key(capsys, config, override, suggestion):

@@ -3,6 +3,7 @@ validation of values and combinations, notebook construction."""
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -116,3 +117,17 @@ def test_invalid_values_and_combinations(kwargs, message):
 def test_lora_needs_some_module():
     with pytest.raises(UserError, match="no module gets an adapter"):
         LoraFinetuneParams(tokenizer_path="t", lora_attn_modules=[])
+
+
+def test_notebook_paths_become_strings_and_changed_fields_are_checked_again(tmp_path):
+    from finetune.recipes.full_finetune import FullFinetuneRecipe
+
+    params = FullFinetuneParams(model="tiny", tokenizer_path=Path("tok.model"), output_dir=tmp_path / "out")
+    assert (params.tokenizer_path, params.output_dir) == ("tok.model", str(tmp_path / "out"))
+    params.lr = float("inf")
+    with pytest.raises(UserError, match="lr=inf must be positive and finite"):
+        params.check()
+    params.lr, params.batch_size = 1e-4, "8"
+    with pytest.raises(UserError, match="batch_size='8' has the wrong type; expected int"):
+        FullFinetuneRecipe(params).setup()
+    assert not (tmp_path / "out").exists()
