@@ -84,6 +84,7 @@ def build_dataset(
     train_on_input: bool = False,
     column_map: Optional[dict[str, str]] = None,
     split: str = "train",
+    subset: Optional[str] = None,
     packed: bool = False,
     log: Optional[LogFn] = None,
 ) -> Dataset:
@@ -100,7 +101,7 @@ def build_dataset(
         )
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"max_seq_len={max_seq_len!r} is too small; use at least 2 tokens")
-    records = load_records(source, split=split, column_map=column_map)
+    records = load_records(source, split=split, column_map=column_map, subset=subset)
     report = rank_zero_log(log)
     if dataset_type == "text":
         dataset = _tokenize_text(records, tokenizer, max_seq_len, report)

@@ -48,13 +48,14 @@ class Records(list):
 
 
 def load_records(
-    source: str, *, split: str = "train", column_map: Optional[dict[str, str]] = None
+    source: str, *, split: str = "train", column_map: Optional[dict[str, str]] = None, subset: Optional[str] = None
 ) -> Records:
     """Load every record of `source`'s `split`, renaming columns with `column_map`.
 
     `split` is a split name, optionally sliced like `train[:90%]`, `train[90%:]` or
     `train[:1000]`. A local file is its own "train" split. `column_map` maps the column
-    name finetune expects to the user's name for it, e.g. `{"output": "answer"}`.
+    name finetune expects to the user's name for it, e.g. `{"output": "answer"}`. `subset`
+    is a Hub dataset's configuration (`main` for openai/gsm8k); local sources have none.
     """
     name, bounds = parse_split(split)
     path = Path(source).expanduser()
@@ -70,7 +71,7 @@ def load_records(
     elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"dataset file {source} does not exist; check the path")
     else:
-        records = _read_hub(source, split)
+        records = _read_hub(source, split, subset)
     if not records:
         raise UserError(
             f"dataset {source} (split '{split}') has no records; point it at a file with data"
@@ -328,14 +329,15 @@ def _read_saved(path: Path, split: str) -> Records:
     return Records(loaded.to_list(), source=str(path))
 
 
-def _read_hub(name: str, split: str) -> Records:
+def _read_hub(name: str, split: str, subset: Optional[str] = None) -> Records:
     datasets = _import_datasets()
     try:
-        loaded = datasets.load_dataset(name, split=split)
-    except Exception as e:  # network, missing name, bad split: all fixable by the user
+        loaded = datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, missing name, bad split or subset: all fixable by the user
+        which = f" subset '{subset}'" if subset else ""
         raise UserError(
-            f"cannot load dataset '{name}' split '{split}' from the Hugging Face Hub "
-            f"({_first_line(e)}); check the name and split, or point to a local file"
+            f"cannot load dataset '{name}'{which} split '{split}' from the Hugging Face Hub "
+            f"({_first_line(e)}); check the name, subset (dataset_subset) and split, or point to a local file"
         ) from None
     return Records(loaded.to_list(), source=name)
 

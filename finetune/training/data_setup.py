@@ -33,7 +33,7 @@ def build_data(
         str(resolve_path(source)) if source.startswith("pkg:") else source,
         dataset_type=params.dataset_type, tokenizer=tokenizer, max_seq_len=params.max_seq_len,
         template=params.template, train_on_input=params.train_on_input, column_map=params.column_map,
-        split=split, packed=params.packed, log=log,
+        split=split, subset=params.dataset_subset, packed=params.packed, log=log,
     )
     sampler = ResumableDistributedSampler(
         len(dataset), rank=dist.rank, world_size=dist.world_size, seed=params.seed, shuffle=shuffle,

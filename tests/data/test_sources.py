@@ -145,7 +145,7 @@ def test_hf_hub_name_that_cannot_load_is_a_user_error(monkeypatch: pytest.Monkey
     assert str(info.value) == (
         "cannot load dataset 'someone/nothing' split 'train[:10%]' from the Hugging Face Hub "
         "(Couldn't reach 'someone/nothing' on the Hub (LocalEntryNotFoundError)); check the "
-        "name and split, or point to a local file"
+        "name, subset (dataset_subset) and split, or point to a local file"
     )
 
 
@@ -153,13 +153,14 @@ def test_hf_hub_name_is_passed_to_datasets(monkeypatch: pytest.MonkeyPatch) -> N
     datasets = pytest.importorskip("datasets")
     calls = []
 
-    def fake_load(name: str, split: str) -> object:
-        calls.append((name, split))
+    def fake_load(name: str, *subset: str, split: str) -> object:
+        calls.append((name, *subset, split))
         return datasets.Dataset.from_list(ALPACA_RECORDS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert load_records("tatsu-lab/alpaca", split="train[:5%]") == ALPACA_RECORDS
-    assert calls == [("tatsu-lab/alpaca", "train[:5%]")]
+    assert load_records("openai/gsm8k", split="test", subset="main") == ALPACA_RECORDS
+    assert calls == [("tatsu-lab/alpaca", "train[:5%]"), ("openai/gsm8k", "main", "test")]
 
 
 def test_hf_source_without_datasets_names_the_extra(
