@@ -501,10 +501,10 @@ def tune_main(argv: Sequence[str]) -> int:
             return cmd_cp(command_argv)
         if command == "validate":
             return cmd_validate(command_argv)
-    if needs_torchrun(launcher):
+    if needs_torchrun(launcher) and not {"-h", "--help"} & set(command_argv):  # help is printed once, here
         # Check the config once here, so a typo is one line and not a line per worker.
         params_cls = params_class_for(command)
-        if params_cls is not None and not {"-h", "--help"} & set(command_argv):
+        if params_cls is not None:
             TuneArgumentParser(params_cls).parse_args(command_argv)
         return run_with_torchrun(launcher, command, command_argv)
     module = load_recipe_module(command)

@@ -50,6 +50,12 @@ def detect_format(checkpoint_dir: PathLike) -> str:
     if any(_is_meta_weight_file(p) for p in files):
         return "meta"
     found = sorted(p.name for p in directory.iterdir())
+    if "adapter_config.json" in found:
+        merged = f"{directory / 'merged'} (the merged model) or " if (directory / "merged").is_dir() else ""
+        raise UserError(
+            f"{directory} holds a LoRA adapter, not a model: point checkpoint_dir at {merged}the base model; "
+            f"generate and eleuther_eval apply the adapter with adapter_dir={directory}"
+        )
     raise UserError(
         f"no checkpoint found in {directory}: expected model*.safetensors or pytorch_model*.bin (Hugging Face) "
         f"or consolidated.NN.pth (Meta), found {describe_listing(found)}"

@@ -171,3 +171,15 @@ def test_missing_tokenizer_file_on_save(tmp_path):
     model = build_model(_args())
     _raises("tokenizer file .* does not exist", save_hf_checkpoint, model.state_dict(), model.args, tmp_path,
             tokenizer_files=[tmp_path / "tokenizer.model"])
+
+
+def test_a_lora_output_as_checkpoint_dir_points_at_merged_and_adapter_dir(tmp_path):
+    step = tmp_path / "step_3"
+    (step / "merged").mkdir(parents=True)
+    (step / "adapter_config.json").write_text("{}")
+    (step / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError) as info:
+        load_model(step, "auto")
+    assert str(info.value) == (
+        f"{step} holds a LoRA adapter, not a model: point checkpoint_dir at {step / 'merged'} (the merged model) "
+        f"or the base model; generate and eleuther_eval apply the adapter with adapter_dir={step}")

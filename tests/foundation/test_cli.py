@@ -177,6 +177,12 @@ def test_dummy_with_two_processes(tmp_path, config, launch):
     assert records[0]["loss"] == pytest.approx(0.904837418, rel=1e-6)
 
 
+def test_help_with_torchrun_flags_is_printed_once_without_workers():
+    result = tune("--nproc_per_node", "2", "finetune_llm", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("usage:") == 1 and "batch_size" in result.stdout
+
+
 @pytest.mark.slow
 def test_bad_config_with_two_processes_is_one_line(config):
     result = tune("--nproc_per_node", "2", "dummy", "--config", str(config), "lr=-1")
