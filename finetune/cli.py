@@ -199,6 +199,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     if not isinstance(value, str):
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML read `output_dir: 2024` as a number
         if origin is list and isinstance(value, list):
             return [_coerce(v, args[0]) for v in value]
         if origin is dict and isinstance(value, dict):

@@ -177,6 +177,13 @@ def test_dummy_with_two_processes(tmp_path, config, launch):
     assert records[0]["loss"] == pytest.approx(0.904837418, rel=1e-6)
 
 
+def test_a_yaml_number_for_a_text_field_is_read_as_text(capsys, tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: tiny\ntokenizer_path: pkg:data/demo/tokenizer.model\noutput_dir: 2024\n")
+    code, out = run_in_process(capsys, "validate", "--config", str(own))
+    assert code == 0 and re.search(r"output_dir += '2024'\n", out.out)
+
+
 def test_help_with_torchrun_flags_is_printed_once_without_workers():
     result = tune("--nproc_per_node", "2", "finetune_llm", "--help")
     assert result.returncode == 0, result.stderr
