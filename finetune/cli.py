@@ -472,9 +472,37 @@ def cmd_validate(argv: Sequence[str]) -> int:
     if params_cls is None:
         raise UserError(f"recipe '{recipe}' declares no PARAMS_CLASS, so it cannot be validated")
     params = TuneArgumentParser(params_cls, prog=f"tune validate --recipe {recipe}").parse_args(argv)
+    if getattr(params, "dataset_type", None) == "instruct":
+        from finetune.data.templates import get_template
+
+        get_template(params.template)
     print(params)
+    for note in missing_paths(params):
+        print(note)
     print("config is valid")
     return 0
+
+
+_PATH_KEYS = ("checkpoint_dir", "tokenizer_path", "adapter_dir", "dataset", "eval_dataset", "calibration_dataset",
+              "prompt_file")
+
+
+def missing_paths(params: Any) -> list[str]:
+    """Notes on local paths a run would read that are not on this machine (configs may be
+    validated away from the machine that runs them, so these do not fail validation)."""
+    from finetune.data.sources import FILE_SUFFIXES
+    from finetune.params import PACKAGE_PREFIX, resolve_path
+
+    notes = []
+    for key in _PATH_KEYS:
+        value = getattr(params, key, None)
+        if not isinstance(value, str) or not value:
+            continue
+        # A dataset without a file suffix or a path prefix may be a Hub name.
+        local = "dataset" not in key or value.startswith((PACKAGE_PREFIX, ".", "/", "~")) or Path(value).suffix.lower() in FILE_SUFFIXES
+        if local and not resolve_path(value).exists():
+            notes.append(f"note: {key}={value} does not exist on this machine")
+    return notes
 
 
 def params_class_for(recipe: str) -> Optional[type]:

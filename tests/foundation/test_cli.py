@@ -177,6 +177,15 @@ def test_dummy_with_two_processes(tmp_path, config, launch):
     assert records[0]["loss"] == pytest.approx(0.904837418, rel=1e-6)
 
 
+def test_validate_names_missing_paths_and_refuses_an_unknown_template(capsys, tmp_path):
+    code, out = run_in_process(capsys, "validate", "--config", "tiny_full", f"dataset={tmp_path / 'gone.jsonl'}",
+                               "eval_dataset=someone/hub-name")
+    assert code == 0 and f"note: dataset={tmp_path / 'gone.jsonl'} does not exist on this machine" in out.out
+    assert "eval_dataset" not in "".join(line for line in out.out.splitlines() if line.startswith("note:"))
+    code, out = run_in_process(capsys, "validate", "--config", "tiny_full", "template=alpacca")
+    assert code == 2 and "did you mean 'alpaca'?" in single_error_line(out.err)
+
+
 def test_a_yaml_number_for_a_text_field_is_read_as_text(capsys, tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("model: tiny\ntokenizer_path: pkg:data/demo/tokenizer.model\noutput_dir: 2024\n")
