@@ -7,6 +7,7 @@ leftovers are ignored by `list_checkpoints` and removed by `prune_checkpoints`.
 """
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -55,6 +56,10 @@ def atomic_write_text(path: Path | str, text: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+# A full disk, a quota, a read-only or forbidden place: the user can fix these, the code cannot.
+_FIXABLE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 @contextlib.contextmanager
 def atomic_directory(final_dir: Path | str) -> Iterator[Path]:
     """Yield a temporary directory that becomes `final_dir` when the block ends without error.
@@ -75,8 +80,13 @@ def atomic_directory(final_dir: Path | str) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _FIXABLE_WRITE_ERRORS:
+            raise UserError(
+                f"cannot write {final_dir} ({exc.strerror}); free space or fix permissions there, or choose "
+                "another output_dir, then run again: nothing saved before was changed"
+            ) from None
         raise
     old = parent / f".{final_dir.name}.old-{pid}"
     if final_dir.exists():

@@ -171,6 +171,34 @@ def test_cleanup_after_a_failed_setup_ends_the_job_status(tmp_path):
     assert status["state"] == "failed" and status["error"] == "closed before training finished"
 
 
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import finetune.checkpointing.writers as writers
+
+    real_save, saves = writers.save_safetensors, []
+
+    def fills_the_disk_on_the_second_save(tensors, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "save_safetensors", fills_the_disk_on_the_second_save)
+    out = tmp_path / "out"
+    code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2, warmup_steps=1)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: cannot write {out / 'step_4'} (No space left on device); free space or fix permissions "
+                   "there, or choose another output_dir, then run again: nothing saved before was changed")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "step_"))) == ["step_2"]
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    monkeypatch.setattr(writers, "save_safetensors", real_save)
+    resumed = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2,
+                                             warmup_steps=1, resume_from_checkpoint=True)])
+    assert resumed == 0 and (out / "step_4").is_dir()
+
+
 def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     original = FullFinetuneRecipe.accumulate_gradients
 
