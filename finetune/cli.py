@@ -387,6 +387,7 @@ def needs_torchrun(launcher: Sequence[str]) -> bool:
 
 def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) -> int:
     """Launch through torch's elastic launcher; a failed worker becomes an exit status."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -400,6 +401,9 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
         return 2 if 2 in codes else (codes[0] if codes and codes[0] > 0 else 1)
+    except SignalException:
+        # Ctrl-C reached the launcher too; the workers stop after their step and save.
+        return 130
     return 0
 
 

@@ -40,7 +40,7 @@ from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.data_setup import build_data, steps_per_epoch
 from finetune.training.distributed import barrier, destroy_distributed, init_distributed, resolve_device
 from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
-from finetune.training.guards import check_finite_loss, out_of_memory_error
+from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
 from finetune.training.lr_schedule import build_lr_scheduler
 from finetune.training.memory import keep_freed_host_memory, peak_memory_gb
 from finetune.training.metrics import build_metric_loggers
@@ -163,9 +163,9 @@ class FullFinetuneRecipe:
             p.profile, self.output_dir, wait=p.profile_wait_steps, warmup=1, active=p.profile_active_steps
         )
         try:
-            with profiler:
+            with profiler, StopAtStepBoundary(self.device, self.log) as stop:
                 for self.epoch in range(self.epoch, p.epochs):
-                    self._train_epoch(progress, profiler)
+                    self._train_epoch(progress, profiler, stop)
                     self.steps_done_in_epoch = 0
                     self.epoch += 1
                     if self.last_saved_step != self.global_step:
@@ -184,7 +184,7 @@ class FullFinetuneRecipe:
             self._log_metrics({"eval_loss": self.evaluate()})
         self.monitor.finish()
 
-    def _train_epoch(self, progress: tqdm, profiler: Any) -> None:
+    def _train_epoch(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
         p = self.params
         samples_per_step = p.batch_size * p.gradient_accumulation_steps
         self.sampler.set_epoch(self.epoch, start_index=self.steps_done_in_epoch * samples_per_step)
@@ -208,6 +208,8 @@ class FullFinetuneRecipe:
             if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
                 self.save_checkpoint()
             profiler.step()
+            if stop.agreed():
+                raise KeyboardInterrupt
 
     def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation)."""

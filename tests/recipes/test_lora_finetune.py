@@ -4,6 +4,7 @@ train, resume is bit-exact after SIGKILL, and 2 processes follow 1."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,30 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc, method):
     for name in ("adapter_model.safetensors", "merged/model.safetensors"):
         assert_same_tensors(reference / "step_8" / name, interrupted / "step_8" / name)
     assert train_losses(reference)[-1] == train_losses(interrupted)[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc):
+    """With dropout drawing random numbers inside each step, only a stop between steps resumes exactly."""
+    launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    run = as_argv(max_steps_per_epoch=40, batch_size=2, lr=3e-3, lora_dropout=0.1)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    result = tune(*launcher, "lora_finetune", *run, f"output_dir={reference}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    process = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", wait=False, start_new_session=True)
+    deadline = time.time() + 300
+    while not (interrupted / "metrics.jsonl").exists() or len(train_losses(interrupted)) < 3:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    (saved,) = interrupted.glob("step_*")
+    assert saved.name != "step_40", "the run finished before it was interrupted"
+    result = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_tensors(reference / "step_40" / "adapter_model.safetensors", interrupted / "step_40" / "adapter_model.safetensors")
 
 
 @pytest.mark.slow
