@@ -170,7 +170,7 @@ _FALSE = {"false", "no", "0", "off"}
 _NONE = {"none", "null", "~", ""}
 
 
-def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+def coerce(key: str, value: Any, tp: Any, source: str, hint: str = "") -> Any:
     """Convert a CLI string or a YAML value to the field's type, or raise a UserError."""
     try:
         result = _coerce(value, tp)
@@ -178,7 +178,7 @@ def coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         result = _INVALID
     if result is _INVALID or not matches_type(result, tp):
         raise UserError(
-            f"{key}={value!r} ({source}) is not valid: expected {describe_type(tp)}"
+            f"{key}={value!r} ({source}) is not valid: expected {describe_type(tp)}" + (f" ({hint})" if hint else "")
         )
     return result
 
@@ -282,11 +282,11 @@ class TuneArgumentParser:
             path = resolve_config_path(args.config)
             for key, value in read_config(path).items():
                 self._check_key(str(key), f"in {path}")
-                values[key] = coerce(key, value, self.types[key], f"in {path}")
+                values[key] = coerce(key, value, self.types[key], f"in {path}", self.fields[key].metadata.get("hint", ""))
         for assignment in [*args.override, *args.assignments]:
             key, value = self._split(assignment)
             self._check_key(key, "on the command line")
-            values[key] = coerce(key, value, self.types[key], "on the command line")
+            values[key] = coerce(key, value, self.types[key], "on the command line", self.fields[key].metadata.get("hint", ""))
         try:
             return self.params_cls(**values)
         except UserError:

@@ -27,11 +27,13 @@ from finetune.errors import UserError
 PACKAGE_PREFIX = "pkg:"
 
 
-def param(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line help text (shown by `--help`)."""
+def param(default: Any, help: str, hint: str = "") -> Any:
+    """A dataclass field with a one-line help text (shown by `--help`) and an optional hint
+    added to the message when a value of the wrong type or choice is given."""
+    metadata = {"help": help, "hint": hint}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def resolve_path(path: str) -> Path:
@@ -64,14 +66,18 @@ def _check_field_types(params: Any) -> None:
         if isinstance(value, os.PathLike) and matches_type("", expected):  # a notebook's pathlib.Path
             value = os.fspath(value)
             setattr(params, f.name, value)
-        if typing.get_origin(expected) is Literal:
-            _check_choice(f.name, value, typing.get_args(expected))
-        elif typing.get_origin(expected) is list and typing.get_origin(typing.get_args(expected)[0]) is Literal:
-            for item in value if isinstance(value, list) else []:
-                _check_choice(f.name, item, typing.get_args(typing.get_args(expected)[0]))
+        hint = f" ({f.metadata['hint']})" if f.metadata.get("hint") else ""
+        try:
+            if typing.get_origin(expected) is Literal:
+                _check_choice(f.name, value, typing.get_args(expected))
+            elif typing.get_origin(expected) is list and typing.get_origin(typing.get_args(expected)[0]) is Literal:
+                for item in value if isinstance(value, list) else []:
+                    _check_choice(f.name, item, typing.get_args(typing.get_args(expected)[0]))
+        except UserError as e:
+            raise UserError(f"{e}{hint}") from None
         if not matches_type(value, expected):
             raise UserError(
-                f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}"
+                f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}"
             )
 
 
@@ -261,7 +267,11 @@ class LoraFinetuneParams(FullFinetuneParams):
     """A full fine-tune's parameters plus the adapter's."""
 
     lr: float = param(3e-4, "peak learning rate")
-    lora_attn_modules: list[LoraModule] = param(["q_proj", "v_proj"], "attention projections given adapters")
+    lora_attn_modules: list[LoraModule] = param(
+        ["q_proj", "v_proj"], "attention projections given adapters",
+        hint="PEFT's o_proj is output_proj here; gate_proj/up_proj/down_proj: apply_lora_to_mlp=true; "
+             "lm_head: apply_lora_to_output=true",
+    )
     apply_lora_to_mlp: bool = param(False, "also adapt the MLP projections")
     apply_lora_to_output: bool = param(False, "also adapt the output head")
     lora_rank: int = param(8, "adapter rank r")
@@ -274,7 +284,7 @@ class LoraFinetuneParams(FullFinetuneParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be at least 1")
-        _require(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive")
+        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive and finite")
         _require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         _require(
             len(set(self.lora_attn_modules)) == len(self.lora_attn_modules),

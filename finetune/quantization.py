@@ -273,6 +273,7 @@ def save_quantized_checkpoint(
     bos_token_id: Optional[int] = None,
     eos_token_id: Optional[Union[int, list[int]]] = None,
     generation_defaults: Optional[dict[str, Any]] = None,
+    tokenizer_config: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write the quantized model and its description into `out_dir` (see the module docstring)."""
     out = Path(out_dir)
@@ -299,6 +300,8 @@ def save_quantized_checkpoint(
         "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,
     })
     copy_tokenizer_files(tokenizer_files, out)
+    if tokenizer_config is not None:
+        _write_json(out / "tokenizer_config.json", tokenizer_config)
     return out
 
 

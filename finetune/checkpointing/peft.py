@@ -248,6 +248,12 @@ def load_peft_adapter(
     return tensors, config
 
 
+def describe_adapted(settings: Mapping[str, Any]) -> str:
+    """The adapted layers of `apply_lora_settings`' result, for a log line."""
+    parts = list(settings["attn_modules"]) + (["mlp"] if settings["mlp"] else []) + (["output"] if settings["output"] else [])
+    return ", ".join(parts)
+
+
 def apply_lora_settings(
     config: Mapping[str, Any], tensors: Optional[Mapping[str, torch.Tensor]] = None
 ) -> dict[str, Any]:

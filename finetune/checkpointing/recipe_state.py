@@ -11,7 +11,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -151,16 +151,43 @@ def claim_output_dir(output_dir: Path | str, resume: bool) -> None:
         )
 
 
-def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None]) -> Optional[Path]:
-    """The newest complete `step_<N>` in `output_dir`, or None (said once) on a first start."""
+def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], lora: bool = False) -> Optional[Path]:
+    """The newest complete `step_<N>` in `output_dir`, or None (said once) on a first start.
+
+    A LoRA run's checkpoint holds an adapter and a full run's a model: each resumes only under
+    its own recipe.
+    """
     from finetune.checkpointing.atomic import latest_checkpoint
 
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
-    else:
-        log(f"resuming from {checkpoint}")
+        return None
+    if (checkpoint / "adapter_config.json").is_file() != lora:
+        kind, recipe = ("a LoRA", "lora_finetune_single_device") if not lora else ("a full fine-tune", "full_finetune_single_device")
+        raise UserError(
+            f"{checkpoint} is a checkpoint of {kind} run; resume it with {recipe} (or its _distributed alias), "
+            "or choose another output_dir"
+        )
+    log(f"resuming from {checkpoint}")
     return checkpoint
+
+
+def check_resume_settings(checkpoint: Path, params: Any, keys: Sequence[str]) -> None:
+    """Refuse settings that changed since `checkpoint` was saved and would change what resumes
+    (an adapter's scale, say): a resumed run continues the same run."""
+    import yaml
+
+    saved_file = checkpoint / "params.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    for key in keys:
+        if key in saved and saved[key] != getattr(params, key):
+            raise UserError(
+                f"{key} is {getattr(params, key)!r} but {checkpoint} was trained with {saved[key]!r}; a resumed run keeps "
+                f"its settings: set {key}={saved[key]}, or start a new run in another output_dir"
+            )
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

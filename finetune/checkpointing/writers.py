@@ -95,10 +95,11 @@ def save_hf_checkpoint(
     bos_token_id: Optional[int] = None,
     eos_token_id: Optional[Union[int, list[int]]] = None,
     generation_defaults: Optional[Mapping] = None,
+    tokenizer_config: Optional[Mapping] = None,
 ) -> list[Path]:
     """Write model.safetensors (or model-0000k-of-0000n shards + index), config.json,
     generation_config.json when bos/eos are known (with `generation_defaults`, e.g. the source's
-    sampling settings), and copies of `tokenizer_files`.
+    sampling settings), copies of `tokenizer_files` and `tokenizer_config` as tokenizer_config.json.
 
     dtype=None keeps the state dict's dtype. Returns the files written.
     """
@@ -131,6 +132,8 @@ def save_hf_checkpoint(
         generation = {**(generation_defaults or {}), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
         written.append(_write_json(out / GENERATION_CONFIG, generation))
     written += copy_tokenizer_files(tokenizer_files, out)
+    if tokenizer_config is not None:
+        written.append(_write_json(out / "tokenizer_config.json", dict(tokenizer_config)))
     return written
 
 
@@ -154,7 +157,17 @@ def copy_tokenizer_files(files: Sequence[PathLike], out_dir: Path) -> list[Path]
     return copied
 
 
-def hf_output_extras(source_dir: Optional[Path], tokenizer_file: Path, bos_id: int, stop_ids: Sequence[int]) -> dict:
+# transformers reads a lone SentencePiece tokenizer.model without BOS or the leading-space piece
+# unless a tokenizer_config.json names the slow Llama tokenizer.
+LLAMA2_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "add_bos_token": True, "add_eos_token": False, "legacy": False,
+}
+
+
+def hf_output_extras(
+    source_dir: Optional[Path], tokenizer_file: Path, bos_id: int, stop_ids: Sequence[int], family: str = "llama3"
+) -> dict:
     """The keyword arguments of save_hf_checkpoint that make an output directory load like its source.
 
     transformers reads the fast tokenizer (tokenizer.json, with the chat template and special tokens
@@ -179,11 +192,13 @@ def hf_output_extras(source_dir: Optional[Path], tokenizer_file: Path, bos_id: i
     eos = list(source_eos) if isinstance(source_eos, list) else [] if source_eos is None else [source_eos]
     eos += [i for i in stop_ids if i not in eos]
     generation.pop("transformers_version", None)
+    has_config = any(f.name == "tokenizer_config.json" for f in files)
     return {
         "tokenizer_files": files,
         "bos_token_id": generation.pop("bos_token_id", bos_id),
         "eos_token_id": eos[0] if len(eos) == 1 else eos,
         "generation_defaults": {k: v for k, v in generation.items() if k != "eos_token_id"},
+        "tokenizer_config": LLAMA2_TOKENIZER_CONFIG if family == "llama2" and not has_config else None,
     }
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from finetune.checkpointing import load_model
-from finetune.checkpointing.peft import apply_lora_settings, load_peft_adapter
+from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
@@ -282,9 +282,10 @@ class EleutherEvalRecipe:
         if adapter is not None:
             weights, config = adapter
             dtype = model.tok_embeddings.weight.dtype
-            apply_lora(model, **apply_lora_settings(config))
+            settings = apply_lora_settings(config, weights)  # from the tensors: target_modules may be a pattern
+            apply_lora(model, **settings)
             load_adapter_state_dict(model, {k: v.to(self.device, dtype) for k, v in weights.items()}, strict=False)
-            self.log(f"adapter {p.adapter_dir}: LoRA rank {config['r']} on {', '.join(config['target_modules'])}")
+            self.log(f"adapter {p.adapter_dir}: LoRA rank {config['r']} on {describe_adapted(settings)}")
         return model.eval()
 
     # ------------------------------------------------------------------------------------------

@@ -85,7 +85,6 @@ class FullFinetuneRecipe:
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            p.to_yaml(self.output_dir / "params.yaml")
             self.log(str(p))
 
         resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
@@ -112,6 +111,8 @@ class FullFinetuneRecipe:
         )
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
+        if self.rank_zero:  # only now: a refused resume leaves the run's params.yaml as it was
+            p.to_yaml(self.output_dir / "params.yaml")
         self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
         self.log(
             f"model {p.model}: {num_params(self.model):,} "
@@ -241,7 +242,7 @@ class FullFinetuneRecipe:
     def _hf_output_extras(self) -> dict:
         source = resolve_path(self.params.checkpoint_dir) if self.params.checkpoint_dir else None
         return hf_output_extras(source, resolve_tokenizer_path(self.tokenizer_path), self.tokenizer.bos_id,
-                                self.tokenizer.stop_tokens)
+                                self.tokenizer.stop_tokens, self.tokenizer.family)
 
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"

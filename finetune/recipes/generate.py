@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, TextIO
 import torch
 
 from finetune.checkpointing import load_model
-from finetune.checkpointing.peft import apply_lora_settings, load_peft_adapter
+from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
@@ -108,9 +108,10 @@ class GenerateRecipe:
     def _apply_adapter(self, adapter: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
         """Wrap the adapted linears in LoRA modules holding the adapter's weights (kept unmerged,
         so the base weights stay exactly as loaded)."""
-        apply_lora(self.model, **apply_lora_settings(config))
+        settings = apply_lora_settings(config, adapter)  # from the tensors: target_modules may be a pattern
+        apply_lora(self.model, **settings)
         load_adapter_state_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in adapter.items()}, strict=False)
-        self.log(f"adapter {self.params.adapter_dir}: LoRA rank {config['r']} on {', '.join(config['target_modules'])}")
+        self.log(f"adapter {self.params.adapter_dir}: LoRA rank {config['r']} on {describe_adapted(settings)}")
 
     def _describe_format(self) -> str:
         if self.params.chat:

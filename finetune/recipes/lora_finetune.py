@@ -23,6 +23,7 @@ from tqdm import tqdm
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
 from finetune.checkpointing.recipe_state import (
+    check_resume_settings,
     claim_output_dir,
     find_resume_checkpoint,
     gather_rng_states,
@@ -36,7 +37,8 @@ from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
-from finetune.models import TransformerDecoder, num_params
+from finetune.errors import UserError
+from finetune.models import ModelArgs, TransformerDecoder, num_params
 from finetune.models.lora import (
     adapter_state_dict,
     apply_lora,
@@ -65,6 +67,9 @@ from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, 
 PARAMS_CLASS = LoraFinetuneParams
 RECIPE_STATE_FILE = "recipe_state.pt"
 MERGED_DIR = "merged"
+# What the adapter is: a resumed run must keep these (the optimizer state and the scale follow them).
+LORA_SETTINGS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
+                 "lora_dropout", "use_dora", "quantize_base")
 
 
 class LoraFinetuneRecipe:
@@ -97,11 +102,13 @@ class LoraFinetuneRecipe:
         self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
         if self.rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            p.to_yaml(self.output_dir / "params.yaml")
             self.log(str(p))
 
-        resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
+        resume_dir = find_resume_checkpoint(self.output_dir, self.log, lora=True) if p.resume_from_checkpoint else None
+        if resume_dir is not None:
+            check_resume_settings(resume_dir, p, LORA_SETTINGS)
         self.model_args = resolve_model_args(p.model, resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
+        check_rank_fits(p, self.model_args)
         self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
         self.tokenizer = load_tokenizer_for_model(self.tokenizer_path, self.model_args.family, self.model_args.vocab_size)
         self.train_loader, self.sampler = build_data(
@@ -125,6 +132,8 @@ class LoraFinetuneRecipe:
         )
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
+        if self.rank_zero:  # only now: a refused resume leaves the run's params.yaml as it was
+            p.to_yaml(self.output_dir / "params.yaml")
         self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
         self.log(
             f"model {p.model} with LoRA: {num_params(self.model, trainable_only=True):,} trainable of "
@@ -271,7 +280,7 @@ class LoraFinetuneRecipe:
     def _hf_output_extras(self) -> dict:
         source = resolve_path(self.params.checkpoint_dir) if self.params.checkpoint_dir else None
         return hf_output_extras(source, resolve_tokenizer_path(self.tokenizer_path), self.tokenizer.bos_id,
-                                self.tokenizer.stop_tokens)
+                                self.tokenizer.stop_tokens, self.tokenizer.family)
 
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
@@ -353,6 +362,16 @@ class LoraFinetuneRecipe:
         if getattr(self, "rank_zero", True):
             tqdm.write(message, file=sys.stderr)
 
+
+
+def check_rank_fits(p: LoraFinetuneParams, args: ModelArgs) -> None:
+    """A rank above an adapted layer's smaller side adds parameters and memory but no capacity."""
+    kv_dim = args.n_kv_heads * (args.dim // args.n_heads)
+    sides = {"q_proj": args.dim, "k_proj": kv_dim, "v_proj": kv_dim, "output_proj": args.dim}
+    smallest = min([sides[m] for m in p.lora_attn_modules] + [args.dim] * (p.apply_lora_to_mlp or p.apply_lora_to_output))
+    if p.lora_rank > smallest:
+        raise UserError(f"lora_rank={p.lora_rank} exceeds {smallest}, the smallest side of an adapted layer of "
+                        f"model {p.model}; use a rank of at most {smallest} (8 to 64 is usual)")
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -148,7 +148,7 @@ class QuantizeRecipe:
         }
         with atomic_directory(self.output_dir) as tmp:
             extras = hf_output_extras(self.checkpoint_dir, self.tokenizer_file, self.tokenizer.bos_id,
-                                      self.tokenizer.stop_tokens)
+                                      self.tokenizer.stop_tokens, self.tokenizer.family)
             save_quantized_checkpoint(model, tmp, record, **extras)
         record = read_quantization_record(self.output_dir)
         self._report(record)

@@ -200,8 +200,28 @@ def test_output_without_a_source_lists_every_stop_token(tmp_path):
     ranks = write_llama3_ranks(tmp_path / "tokenizer.model")
     extras = hf_output_extras(None, ranks, 512, [513, 521, 520])
     assert extras == {"tokenizer_files": [ranks], "bos_token_id": 512, "eos_token_id": [513, 521, 520],
-                      "generation_defaults": {}}
+                      "generation_defaults": {}, "tokenizer_config": None}
     assert hf_output_extras(None, ranks, 1, [2])["eos_token_id"] == 2
+
+
+def test_a_lone_sentencepiece_tokenizer_loads_in_transformers_as_we_encode(tmp_path):
+    """Without a tokenizer_config.json, transformers reads tokenizer.model with no BOS and no leading space."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from finetune.checkpointing.writers import hf_output_extras
+    from finetune.tokenizers import load_tokenizer
+    from tests.tokenizer_fixtures import train_sentencepiece
+
+    model_file = train_sentencepiece(tmp_path / "sp" / "tokenizer.model")
+    ours = load_tokenizer(model_file)
+    args = dataclasses.replace(model_args("tiny"), vocab_size=max(ours.vocab_size, 64))
+    extras = hf_output_extras(None, model_file, ours.bos_id, ours.stop_tokens, ours.family)
+    save_hf_checkpoint(build_model(args).state_dict(), args, tmp_path / "out", **extras)
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in ["hello world", "The quick brown fox.\n  Two  spaces", "Grüße 12345"]:
+        assert theirs.encode(text) == ours.encode(text, add_eos=False)
 
 
 def test_a_named_model_that_differs_from_the_checkpoints_config_is_refused(tmp_path):

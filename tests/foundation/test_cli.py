@@ -186,6 +186,11 @@ def test_validate_names_missing_paths_and_refuses_an_unknown_template(capsys, tm
     assert code == 2 and "did you mean 'alpaca'?" in single_error_line(out.err)
 
 
+def test_peft_module_names_point_at_ours(capsys):
+    code, out = run_in_process(capsys, "validate", "--config", "tiny_lora", "lora_attn_modules=[q_proj,o_proj]")
+    assert code == 2 and "PEFT's o_proj is output_proj here" in single_error_line(out.err)
+
+
 def test_a_yaml_number_for_a_text_field_is_read_as_text(capsys, tmp_path):
     own = tmp_path / "mine.yaml"
     own.write_text("model: tiny\ntokenizer_path: pkg:data/demo/tokenizer.model\noutput_dir: 2024\n")

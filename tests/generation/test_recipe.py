@@ -4,6 +4,7 @@ generation block's tokens, batching changes nothing, adapters equal their merged
 bad input is one `error:` line with exit status 2."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,10 +178,16 @@ def test_adapter_generates_like_the_merged_model(llama2_dir, capsys, tmp_path):
     save_peft_adapter(adapter_state_dict(model), tmp_path / "adapter", rank=4, alpha=8.0)
     merged_dir = tmp_path / "merged"
     save_hf_checkpoint(merged_state_dict(model), model.args, merged_dir, tokenizer_files=[tokenizer_file])
+    # PEFT also writes target_modules as a regular expression (LoraConfig(target_modules=r"...")).
+    shutil.copytree(tmp_path / "adapter", tmp_path / "pattern")
+    config = json.loads((tmp_path / "pattern" / "adapter_config.json").read_text())
+    config["target_modules"] = r".*\.(q_proj|v_proj|gate_proj|up_proj|down_proj)"
+    (tmp_path / "pattern" / "adapter_config.json").write_text(json.dumps(config))
 
     responses = {}
     for name, argv in {
         "adapter": [f"checkpoint_dir={llama2_dir}", f"adapter_dir={tmp_path / 'adapter'}"],
+        "pattern": [f"checkpoint_dir={llama2_dir}", f"adapter_dir={tmp_path / 'pattern'}"],
         "merged": [f"checkpoint_dir={merged_dir}", f"tokenizer_path={tokenizer_file}"],
         "base": [f"checkpoint_dir={llama2_dir}"],
     }.items():
@@ -189,7 +196,7 @@ def test_adapter_generates_like_the_merged_model(llama2_dir, capsys, tmp_path):
                                      f"output_file={out_file}")
         assert code == 0, err
         responses[name] = read_results(out_file)[0]
-    assert responses["adapter"] == responses["merged"]
+    assert responses["adapter"] == responses["merged"] == responses["pattern"]
     assert responses["adapter"]["response"] != responses["base"]["response"]
 
 

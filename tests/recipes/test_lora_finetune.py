@@ -138,6 +138,32 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc, method):
     assert train_losses(reference)[-1] == train_losses(interrupted)[-1]
 
 
+def test_a_rank_above_the_smallest_adapted_side_is_refused(tmp_path):
+    from finetune.errors import UserError
+
+    with pytest.raises(UserError, match=r"lora_rank=1000000 exceeds 128, the smallest side of an adapted layer"):
+        LoraFinetuneRecipe(params(tmp_path, lora_rank=1_000_000)).setup()
+
+
+def test_resume_refuses_changed_adapter_settings_and_the_other_recipe(tmp_path, capsys):
+    from finetune.cli import main
+
+    out = tmp_path / "out"
+    run = as_argv(max_steps_per_epoch=2, warmup_steps=1, output_dir=out)
+    assert main(["lora_finetune", *run]) == 0
+    saved_params = (out / "params.yaml").read_text()
+    capsys.readouterr()
+    assert main(["lora_finetune", *run, "resume_from_checkpoint=true", "lora_alpha=1.0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: lora_alpha is 1.0 but {out / 'step_2'} was trained with 16.0; a resumed run keeps its settings: "
+        "set lora_alpha=16.0, or start a new run in another output_dir")
+    assert main(["finetune_llm", *run, "resume_from_checkpoint=true"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {out / 'step_2'} is a checkpoint of a LoRA run; resume it with lora_finetune_single_device "
+        "(or its _distributed alias), or choose another output_dir")
+    assert (out / "params.yaml").read_text() == saved_params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ctrl_c_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc):
