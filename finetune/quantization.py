@@ -9,7 +9,7 @@ A quantized checkpoint directory holds
                       descriptions in the file's metadata (no pickle: loading runs no code);
                       int4 codes, which torchao keeps one per byte on CPU, packed two per byte
   quantization.json   scheme, group size, torchao version, dtype and the measured numbers
-  config.json, generation_config.json, tokenizer.model   so the directory describes itself
+  config.json, generation_config.json, tokenizer files   so the directory describes itself
 """
 
 from __future__ import annotations

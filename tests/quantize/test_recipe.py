@@ -102,5 +102,6 @@ def test_requantizing_into_the_same_output_dir_replaces_it(capsys, trained_dir, 
     assert run(capsys, *quantize_args(trained_dir, out, "eval_dataset=none", "scheme=int8_dynamic"))[0] == 0
     assert json.loads((out / "quantization.json").read_text())["scheme"] == "int8_dynamic"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "quantization.json", "tokenizer.model"]
+        "config.json", "generation_config.json", "model.safetensors", "quantization.json", "tokenizer.model",
+        "tokenizer_config.json"]
     assert not list(tmp_path.glob(".q.*"))  # no temporary or moved-aside directory left behind
