@@ -455,8 +455,8 @@ def recipe_for_config(argv: Sequence[str]) -> str:
         if name in entry.configs:
             return entry.name
     try:
-        keys = set(yaml.safe_load(resolve_config_path(config).read_text(encoding="utf-8")) or {})
-    except (UserError, OSError, yaml.YAMLError, TypeError, ValueError):
+        keys = set(read_config(resolve_config_path(config)))
+    except (UserError, OSError):
         return "full_finetune"  # the parser reports what is wrong with the file
     lora_only = {f.name for f in dataclasses.fields(LoraFinetuneParams)} - {f.name for f in dataclasses.fields(FullFinetuneParams)}
     return "lora_finetune" if keys & lora_only else "full_finetune"

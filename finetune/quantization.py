@@ -28,9 +28,9 @@ from tqdm import tqdm
 from finetune import ao
 from finetune.checkpointing.formats import detect_format, hf_weight_files, meta_weight_files
 from finetune.checkpointing.key_mapping import from_hf_name, to_hf_name
-from finetune.checkpointing.model_configs import HF_CONFIG, hf_config_from_model_args, model_args_from_hf_config, read_json
+from finetune.checkpointing.model_configs import HF_CONFIG, model_args_from_hf_config, read_json
 from finetune.checkpointing.safetensors_io import iter_safetensors, save_safetensors
-from finetune.checkpointing.writers import copy_tokenizer_files
+from finetune.checkpointing.writers import write_beside_weights
 from finetune.data import IGNORE_INDEX, collate
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
@@ -290,18 +290,14 @@ def save_quantized_checkpoint(
     size = (out / WEIGHTS_FILE).stat().st_size
 
     dtype = model.tok_embeddings.weight.dtype
-    config = hf_config_from_model_args(args, dtype, bos_token_id, eos_token_id)
-    _write_json(out / HF_CONFIG, config)
-    if bos_token_id is not None or eos_token_id is not None:
-        generation = {**(generation_defaults or {}), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-        _write_json(out / "generation_config.json", generation)
+    write_beside_weights(
+        out, args, dtype, tokenizer_files=tokenizer_files, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        generation_defaults=generation_defaults, tokenizer_config=tokenizer_config,
+    )
     _write_json(out / QUANTIZATION_FILE, {
         "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
         "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,
     })
-    copy_tokenizer_files(tokenizer_files, out)
-    if tokenizer_config is not None:
-        _write_json(out / "tokenizer_config.json", tokenizer_config)
     return out
 
 

@@ -24,7 +24,8 @@ from finetune.models import ModelArgs
 PathLike = Union[str, os.PathLike]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja")
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -126,14 +127,33 @@ def save_hf_checkpoint(
     stored_dtype = dtype if dtype is not None else next(
         (t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32
     )
-    config = hf_config_from_model_args(args, stored_dtype, bos_token_id, eos_token_id)
-    written.append(_write_json(out / HF_CONFIG, config))
+    written += write_beside_weights(
+        out, args, stored_dtype, tokenizer_files=tokenizer_files, bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id, generation_defaults=generation_defaults, tokenizer_config=tokenizer_config,
+    )
+    return written
+
+
+def write_beside_weights(
+    out: Path,
+    args: ModelArgs,
+    dtype: torch.dtype,
+    *,
+    tokenizer_files: Sequence[PathLike] = (),
+    bos_token_id: Optional[int] = None,
+    eos_token_id: Optional[Union[int, list[int]]] = None,
+    generation_defaults: Optional[Mapping] = None,
+    tokenizer_config: Optional[Mapping] = None,
+) -> list[Path]:
+    """config.json, generation_config.json (when bos/eos are known), the tokenizer files and
+    tokenizer_config.json: what transformers reads beside the weights. Returns the files written."""
+    written = [_write_json(out / HF_CONFIG, hf_config_from_model_args(args, dtype, bos_token_id, eos_token_id))]
     if bos_token_id is not None or eos_token_id is not None:
         generation = {**(generation_defaults or {}), "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
         written.append(_write_json(out / GENERATION_CONFIG, generation))
     written += copy_tokenizer_files(tokenizer_files, out)
     if tokenizer_config is not None:
-        written.append(_write_json(out / "tokenizer_config.json", dict(tokenizer_config)))
+        written.append(_write_json(out / TOKENIZER_CONFIG, dict(tokenizer_config)))
     return written
 
 
@@ -192,7 +212,7 @@ def hf_output_extras(
     eos = list(source_eos) if isinstance(source_eos, list) else [] if source_eos is None else [source_eos]
     eos += [i for i in stop_ids if i not in eos]
     generation.pop("transformers_version", None)
-    has_config = any(f.name == "tokenizer_config.json" for f in files)
+    has_config = any(f.name == TOKENIZER_CONFIG for f in files)
     return {
         "tokenizer_files": files,
         "bos_token_id": generation.pop("bos_token_id", bos_id),
