@@ -268,14 +268,10 @@ def save_quantized_checkpoint(
     model: TransformerDecoder,
     out_dir: Union[str, Path],
     record: dict[str, Any],
-    *,
-    tokenizer_files: Sequence[Union[str, Path]] = (),
-    bos_token_id: Optional[int] = None,
-    eos_token_id: Optional[Union[int, list[int]]] = None,
-    generation_defaults: Optional[dict[str, Any]] = None,
-    tokenizer_config: Optional[dict[str, Any]] = None,
+    **beside: Any,
 ) -> Path:
-    """Write the quantized model and its description into `out_dir` (see the module docstring)."""
+    """Write the quantized model and its description into `out_dir` (see the module docstring);
+    `beside` is what `write_beside_weights` takes (tokenizer files, bos/eos ids, ...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = model.args
@@ -290,10 +286,7 @@ def save_quantized_checkpoint(
     size = (out / WEIGHTS_FILE).stat().st_size
 
     dtype = model.tok_embeddings.weight.dtype
-    write_beside_weights(
-        out, args, dtype, tokenizer_files=tokenizer_files, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        generation_defaults=generation_defaults, tokenizer_config=tokenizer_config,
-    )
+    write_beside_weights(out, args, dtype, **beside)
     _write_json(out / QUANTIZATION_FILE, {
         "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
         "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,

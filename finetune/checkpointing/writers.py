@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -92,15 +92,11 @@ def save_hf_checkpoint(
     *,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    tokenizer_files: Sequence[PathLike] = (),
-    bos_token_id: Optional[int] = None,
-    eos_token_id: Optional[Union[int, list[int]]] = None,
-    generation_defaults: Optional[Mapping] = None,
-    tokenizer_config: Optional[Mapping] = None,
+    **beside: Any,
 ) -> list[Path]:
-    """Write model.safetensors (or model-0000k-of-0000n shards + index), config.json,
-    generation_config.json when bos/eos are known (with `generation_defaults`, e.g. the source's
-    sampling settings), copies of `tokenizer_files` and `tokenizer_config` as tokenizer_config.json.
+    """Write model.safetensors (or model-0000k-of-0000n shards + index), then what
+    `write_beside_weights` writes from `beside` (tokenizer_files, bos_token_id, eos_token_id,
+    generation_defaults, tokenizer_config).
 
     dtype=None keeps the state dict's dtype. Returns the files written.
     """
@@ -127,10 +123,7 @@ def save_hf_checkpoint(
     stored_dtype = dtype if dtype is not None else next(
         (t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32
     )
-    written += write_beside_weights(
-        out, args, stored_dtype, tokenizer_files=tokenizer_files, bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id, generation_defaults=generation_defaults, tokenizer_config=tokenizer_config,
-    )
+    written += write_beside_weights(out, args, stored_dtype, **beside)
     return written
 
 
@@ -145,7 +138,8 @@ def write_beside_weights(
     generation_defaults: Optional[Mapping] = None,
     tokenizer_config: Optional[Mapping] = None,
 ) -> list[Path]:
-    """config.json, generation_config.json (when bos/eos are known), the tokenizer files and
+    """config.json, generation_config.json when bos/eos are known (with `generation_defaults`, e.g.
+    the source's sampling settings), copies of `tokenizer_files` and `tokenizer_config` as
     tokenizer_config.json: what transformers reads beside the weights. Returns the files written."""
     written = [_write_json(out / HF_CONFIG, hf_config_from_model_args(args, dtype, bos_token_id, eos_token_id))]
     if bos_token_id is not None or eos_token_id is not None:
