@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -319,13 +320,26 @@ class TuneArgumentParser:
 
 def report_user_errors(main: Callable[[Sequence[str]], Optional[int]], argv: Sequence[str]) -> int:
     """Run `main(argv)`; a UserError becomes one `error:` line and exit status 2."""
+    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
     try:
         return main(argv) or 0
     except UserError as exc:
-        # Under torchrun every rank hits the same input error; one line is enough.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if under_torchrun:
+            # The ranks usually hit the same input error: one line per node is enough.
+            from finetune.training.distributed import first_to_report_user_error
+
+            if not first_to_report_user_error():
+                return 2
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception:
+        # A rank whose collective broke because a peer stopped on an input error: the peer's
+        # line says what to fix, and this rank's traceback would only bury it.
+        from finetune.training.distributed import peer_stopped_on_user_error
+
+        if under_torchrun and peer_stopped_on_user_error():
+            return 2
+        raise
 
 
 def recipe_entry_point(main: Callable[[Sequence[str]], Optional[int]]) -> Callable[[Optional[Sequence[str]]], int]:
@@ -385,6 +399,15 @@ def needs_torchrun(launcher: Sequence[str]) -> bool:
     return nproc not in ("1",) or nnodes not in ("1", "1:1")
 
 
+def _quiet_after_user_error(record: logging.LogRecord) -> bool:
+    """Drop the launcher's log lines about stopping the workers after one exits on an input
+    error (status 2): that worker's `error:` line is the whole story."""
+    message = str(record.msg)
+    if message.startswith("Sending process %s closing signal"):
+        return False
+    return not (message.startswith("failed (exitcode: %s)") and record.args and record.args[0] == 2)
+
+
 def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) -> int:
     """Launch through torch's elastic launcher; a failed worker becomes an exit status."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -392,10 +415,12 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
     from torch.distributed.run import get_args_parser, run
 
     if recipe.endswith(".py"):
-        target = [recipe]
+        # Each worker loads the file as a single process does: its main(argv) runs, guard or not.
+        target = ["-m", "finetune.cli", recipe]
     else:
         target = ["-m", find_recipe(recipe).module]
     args = get_args_parser().parse_args([*launcher, *target, *recipe_argv])
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_after_user_error)
     try:
         run(args)
     except ChildFailedError as exc:

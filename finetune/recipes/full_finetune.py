@@ -38,7 +38,9 @@ from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes import run_recipe
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.data_setup import build_data, steps_per_epoch
-from finetune.training.distributed import barrier, destroy_distributed, init_distributed, resolve_device
+from finetune.training.distributed import (
+    barrier, destroy_distributed, init_distributed, resolve_device, run_on_rank_zero,
+)
 from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
 from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
 from finetune.training.lr_schedule import build_lr_scheduler
@@ -122,14 +124,15 @@ class FullFinetuneRecipe:
 
     def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
         p = self.params
-        state_dict: dict[str, torch.Tensor] = {}
-        if self.rank_zero:
-            # A resumed run continues from its own HF-format weights, not the original checkpoint.
-            weights_dir = resume_dir or (resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
-            state_dict = initial_state_dict(
+        # A resumed run continues from its own HF-format weights, not the original checkpoint.
+        weights_dir = resume_dir or (resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
+        state_dict = run_on_rank_zero(
+            lambda: initial_state_dict(
                 self.model_args, weights_dir=weights_dir, checkpoint_format="hf" if resume_dir else p.checkpoint_format,
                 dtype=self.dtype, seed=p.seed,
-            )
+            ),
+            default={},
+        )
         return prepare_model(
             self.model_args, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
             activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,

@@ -51,7 +51,9 @@ from finetune.params import LoraFinetuneParams, resolve_path
 from finetune.recipes import run_recipe
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.data_setup import build_data, steps_per_epoch
-from finetune.training.distributed import barrier, destroy_distributed, init_distributed, resolve_device
+from finetune.training.distributed import (
+    barrier, destroy_distributed, init_distributed, resolve_device, run_on_rank_zero,
+)
 from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
 from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
 from finetune.training.lr_schedule import build_lr_scheduler
@@ -143,12 +145,13 @@ class LoraFinetuneRecipe:
 
     def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
         p = self.params
-        base_state: dict[str, torch.Tensor] = {}
-        if self.rank_zero:
-            base_state = initial_state_dict(
+        base_state = run_on_rank_zero(
+            lambda: initial_state_dict(
                 self.model_args, weights_dir=resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None,
                 checkpoint_format=p.checkpoint_format, dtype=self.dtype, seed=p.seed,
-            )
+            ),
+            default={},
+        )
 
         def initialize(model: nn.Module) -> None:
             with torch.random.fork_rng(devices=[]):

@@ -7,11 +7,14 @@ plain single process: every helper here then does nothing, so recipes call them 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from finetune.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,68 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_rank_zero(load: Callable[[], T], default: T) -> T:
+    """`load()` on rank 0 and `default` on the other ranks (all of it in a single process).
+
+    An input error in `load` is raised on every rank: the others would otherwise wait for
+    rank 0 in their next collective (NCCL: until its timeout) instead of stopping with it.
+    """
+    if not is_distributed():
+        return load()
+    result, error = default, None
+    if dist.get_rank() == 0:
+        try:
+            result = load()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+# torchrun's rendezvous store lives in the launcher, not in a worker, so it outlasts a worker that
+# stopped on an input error; workers use it to print that error once and to stay quiet after it.
+_USER_ERROR_KEY = "finetune/user_error"
+
+
+def _launcher_store() -> Optional[dist.Store]:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10)
+        )
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+def first_to_report_user_error() -> bool:
+    """Record that this process stops on an input error; True for the first such process on
+    its node, which prints it (every rank usually hits the same error). Outside torchrun:
+    local rank 0 prints."""
+    store = _launcher_store()
+    if store is None:
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+    try:
+        store.add(_USER_ERROR_KEY, 1)
+        return store.add(f"{_USER_ERROR_KEY}/node{os.environ.get('GROUP_RANK', '0')}", 1) == 1
+    except RuntimeError:
+        return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def peer_stopped_on_user_error() -> bool:
+    """Whether another worker of this torchrun job stopped on an input error (and reported it):
+    a collective failing in this process afterwards is a consequence, not a second problem."""
+    store = _launcher_store()
+    if store is None:
+        return False
+    try:
+        return store.check([_USER_ERROR_KEY])
+    except RuntimeError:
+        return False
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

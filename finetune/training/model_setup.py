@@ -20,7 +20,7 @@ from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.models.lora import nf4_base_modules
 from finetune.training.activations import apply_activation_checkpointing
-from finetune.training.distributed import DistInfo, broadcast_object
+from finetune.training.distributed import DistInfo, broadcast_object, run_on_rank_zero
 from finetune.training.fsdp import load_full_model_state_dict, shard_model
 
 ModuleHook = Callable[[nn.Module], None]
@@ -102,9 +102,9 @@ def prepare_model(
         model.to(device=device)
         model.init_rope(device)  # recomputed in fp32 on the device
         return model
-    full_state = {}
-    if dist.rank == 0:
-        full_state = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize).state_dict()
+    full_state = run_on_rank_zero(
+        lambda: build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize).state_dict(), default={}
+    )
     with torch.device("meta"):
         model = TransformerDecoder(args).to(dtype)
     if adapt is not None:

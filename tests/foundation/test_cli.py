@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tune(*argv, cwd=None, timeout=240):
     """Run `tune` in a fresh interpreter, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as torchrun would set it, minus its notice
     return subprocess.run([sys.executable, "-m", "finetune.cli", *argv], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
 
@@ -162,6 +162,28 @@ def test_user_recipe_by_path(tmp_path, config):
     result = tune(str(recipe), "--config", str(config), "lr=0.25")
     assert result.returncode == 0, result.stderr
     assert "my recipe lr=0.25" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_input_error_on_one_rank_is_one_line_from_torchrun(tmp_path, failing_rank):
+    # The other rank is waiting in a collective when the failing one exits: it must stop
+    # without a traceback of its own. The file has no __main__ guard: main(argv) runs anyway.
+    recipe = tmp_path / "one_rank_fails.py"
+    recipe.write_text(
+        "import torch\n"
+        "from finetune.errors import UserError\n"
+        "from finetune.training.distributed import all_reduce_sum, init_distributed\n"
+        "def main(argv):\n"
+        "    info = init_distributed('cpu')\n"
+        "    all_reduce_sum(torch.ones(1))\n"
+        "    if info.rank == int(argv[0]):\n"
+        "        raise UserError(f'rank {info.rank} cannot read its shard; fix it')\n"
+        "    all_reduce_sum(torch.ones(1))\n"
+    )
+    result = tune("--nproc_per_node", "2", str(recipe), str(failing_rank))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: rank {failing_rank} cannot read its shard; fix it"]
 
 
 @pytest.mark.slow

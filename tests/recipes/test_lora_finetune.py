@@ -165,6 +165,27 @@ def test_resume_refuses_changed_adapter_settings_and_the_other_recipe(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_bad_base_checkpoint_stops_both_processes_with_one_line(tmp_path, hf_base):
+    """Rank 0 alone reads the base weights; the other rank must stop with it, not wait or crash."""
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in hf_base.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = tensors(hf_base / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = tune("--nproc_per_node", "2", "lora_finetune", *as_argv(
+        model="auto", checkpoint_dir=broken, tokenizer_path=None, max_steps_per_epoch=2, output_dir=tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "[rank" not in result.stderr, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: checkpoint {broken} lacks tensors the model needs: model.layers.1.mlp.up_proj.weight; "
+        "the checkpoint is incomplete or for a different model"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_ctrl_c_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc):
     """With dropout drawing random numbers inside each step, only a stop between steps resumes exactly."""
