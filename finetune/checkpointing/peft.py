@@ -24,6 +24,7 @@ PathLike = Union[str, os.PathLike]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MERGED_DIR = "merged"  # where the LoRA recipe writes base + adapter merged, beside the adapter
 _PREFIX = "base_model.model."
 
 # Tensor names inside an adapted module: ours -> PEFT's.
@@ -225,16 +226,24 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], config: dict[str, Any], 
 
 
 def load_peft_adapter(
-    adapter_dir: PathLike, args: Optional[ModelArgs] = None
+    adapter_dir: PathLike, args: Optional[ModelArgs] = None, *, base_dir: Optional[PathLike] = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(adapter tensors under our names, the adapter_config.json contents).
 
     With `args`, every tensor's shape is checked against that base model as well as against r.
+    With `base_dir` (the model it will be applied to), the merged model written beside the
+    adapter is refused: it already holds the adapter, which would then count twice.
     """
     directory = Path(adapter_dir)
     if not directory.is_dir():
         raise UserError(f"adapter directory {directory} does not exist or is not a directory; check adapter_dir")
     config = _read_config(directory / ADAPTER_CONFIG)
+    if base_dir is not None and Path(base_dir).resolve() == (directory / MERGED_DIR).resolve():
+        base = config.get("base_model_name_or_path")
+        raise UserError(
+            f"checkpoint_dir {base_dir} is the merged model of adapter_dir {directory} and already holds the "
+            f"adapter; use it without adapter_dir, or set checkpoint_dir to the base model{f' ({base})' if base else ''}"
+        )
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         hint = "convert adapter_model.bin to safetensors" if (directory / "adapter_model.bin").is_file() else "the adapter is incomplete"

@@ -271,7 +271,10 @@ class EleutherEvalRecipe:
     def _load_model(self, checkpoint_dir: Path) -> TransformerDecoder:
         p = self.params
         # The adapter is checked against the architecture before any base weight is read.
-        adapter = load_peft_adapter(resolve_path(p.adapter_dir), self.model_args) if p.adapter_dir else None
+        adapter = (
+            load_peft_adapter(resolve_path(p.adapter_dir), self.model_args, base_dir=checkpoint_dir)
+            if p.adapter_dir else None
+        )
         if is_quantized_checkpoint(checkpoint_dir):
             model, record = load_quantized_model(checkpoint_dir, device=self.device, args=self.model_args)
             self.log(f"quantized checkpoint: {record['scheme']}, computing in {record['dtype']}")

@@ -81,7 +81,10 @@ class GenerateRecipe:
             self.output = self._open_output(Path(p.output_file))
 
         # The adapter is checked against the architecture before any base weight is read.
-        adapter = load_peft_adapter(resolve_path(p.adapter_dir), self.model_args) if p.adapter_dir else None
+        adapter = (
+            load_peft_adapter(resolve_path(p.adapter_dir), self.model_args, base_dir=checkpoint_dir)
+            if p.adapter_dir else None
+        )
         if is_quantized_checkpoint(checkpoint_dir):
             # A quantized model computes in the dtype it was quantized in.
             self.model, _ = load_quantized_model(checkpoint_dir, device=self.device, args=self.model_args)

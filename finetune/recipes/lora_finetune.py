@@ -35,6 +35,7 @@ from finetune.checkpointing.recipe_state import (
 )
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.writers import hf_output_extras
+from finetune.checkpointing.peft import MERGED_DIR
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
@@ -68,7 +69,6 @@ from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, 
 
 PARAMS_CLASS = LoraFinetuneParams
 RECIPE_STATE_FILE = "recipe_state.pt"
-MERGED_DIR = "merged"
 # What the adapter is: a resumed run must keep these (the optimizer state and the scale follow them).
 LORA_SETTINGS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
                  "lora_dropout", "use_dora", "quantize_base")

@@ -224,6 +224,20 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert_one_error_line(code, err, f"checkpoint directory {tmp_path / 'nowhere'} does not exist")
 
 
+def test_adapter_on_its_own_merged_model_is_refused(llama2_dir, capsys, tmp_path):
+    # The LoRA recipe writes step_N/ (adapter) and step_N/merged/ (base + adapter): the two together
+    # would apply the adapter twice.
+    model, _ = load_model(llama2_dir)
+    apply_lora(model, attn_modules=["q_proj", "v_proj"], mlp=False, output=False, rank=4, alpha=8.0)
+    step = tmp_path / "step_5"
+    save_peft_adapter(adapter_state_dict(model), step, rank=4, alpha=8.0, base_model_name_or_path=llama2_dir)
+    save_hf_checkpoint(merged_state_dict(model), model.args, step / "merged",
+                       tokenizer_files=[llama2_dir / "tokenizer.model"])
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={step / 'merged'}", f"adapter_dir={step}", "prompt=Hi")
+    assert_one_error_line(code, err, f"checkpoint_dir {step / 'merged'} is the merged model of adapter_dir {step}",
+                          f"set checkpoint_dir to the base model ({llama2_dir})")
+
+
 def test_adapter_for_another_base_model(llama2_dir, capsys, tmp_path):
     other = random_model(load_tokenizer(llama2_dir).vocab_size, dim=32)
     apply_lora(other, attn_modules=["q_proj", "v_proj"], mlp=False, output=False, rank=4, alpha=8.0)
