@@ -111,7 +111,9 @@ def run_on_rank_zero(load: Callable[[], T], default: T) -> T:
 
 # torchrun's rendezvous store lives in the launcher, not in a worker, so it outlasts a worker that
 # stopped on an input error; workers use it to print that error once and to stay quiet after it.
-_USER_ERROR_KEY = "finetune/user_error"
+# The store outlives a restart of the workers (torchrun --max_restarts), so each attempt has its key.
+def _user_error_key() -> str:
+    return f"finetune/user_error/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def _launcher_store() -> Optional[dist.Store]:
@@ -133,8 +135,8 @@ def first_to_report_user_error() -> bool:
     if store is None:
         return os.environ.get("LOCAL_RANK", "0") == "0"
     try:
-        store.add(_USER_ERROR_KEY, 1)
-        return store.add(f"{_USER_ERROR_KEY}/node{os.environ.get('GROUP_RANK', '0')}", 1) == 1
+        store.add(_user_error_key(), 1)
+        return store.add(f"{_user_error_key()}/node{os.environ.get('GROUP_RANK', '0')}", 1) == 1
     except RuntimeError:
         return os.environ.get("LOCAL_RANK", "0") == "0"
 
@@ -146,7 +148,7 @@ def peer_stopped_on_user_error() -> bool:
     if store is None:
         return False
     try:
-        return store.check([_USER_ERROR_KEY])
+        return store.check([_user_error_key()])
     except RuntimeError:
         return False
 
