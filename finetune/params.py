@@ -169,7 +169,9 @@ class FullFinetuneParams(ParamsIO):
     dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how records are read")
     template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
     column_map: Optional[dict[str, str]] = param(None, "expected column -> your column, e.g. {output: answer}")
-    dataset_subset: Optional[str] = param(None, "a Hub dataset's subset (configuration), e.g. main for openai/gsm8k")
+    dataset_subset: Optional[str] = param(
+        None, "a Hub dataset's subset (configuration), e.g. main for openai/gsm8k, or of a local dataset folder"
+    )
     split: str = param("train", "dataset split to train on")
     eval_dataset: Optional[str] = param(None, "held-out data for eval loss; none = no eval")
     eval_split: str = param("train", "split of eval_dataset, e.g. test, or train[90%:] beside split=train[:90%]")

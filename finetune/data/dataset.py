@@ -84,6 +84,7 @@ def build_dataset(
     train_on_input: bool = False,
     column_map: Optional[dict[str, str]] = None,
     split: str = "train",
+    split_key: str = "split",
     subset: Optional[str] = None,
     packed: bool = False,
     log: Optional[LogFn] = None,
@@ -93,7 +94,8 @@ def build_dataset(
     `dataset_type`: "instruct" (instruction / input / output records rendered with
     `template`), "chat" (`messages` with role/content, or ShareGPT `conversations` with
     from/value, rendered by the tokenizer's chat format) or "text" (a `text` column, cut
-    into `max_seq_len` chunks). `train_on_input=False` trains only on responses.
+    into `max_seq_len` chunks). `train_on_input=False` trains only on responses. `split_key`
+    names the parameter `split` came from, for messages.
     """
     if dataset_type not in DATASET_TYPES:
         raise UserError(
@@ -101,7 +103,7 @@ def build_dataset(
         )
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"max_seq_len={max_seq_len!r} is too small; use at least 2 tokens")
-    records = load_records(source, split=split, column_map=column_map, subset=subset)
+    records = load_records(source, split=split, split_key=split_key, column_map=column_map, subset=subset)
     report = rank_zero_log(log)
     if dataset_type == "text":
         dataset = _tokenize_text(records, tokenizer, max_seq_len, report)
@@ -136,7 +138,8 @@ def _tokenize_turns(
         if len(tokens) > max_seq_len:
             stats.truncated += 1
             stats.longest = max(stats.longest, len(tokens))
-            tokens, mask = truncate(tokens, mask, max_seq_len)
+            prompt = _prompt_mask(records[i], where, tokenizer, template) if train_on_input else None
+            tokens, mask = truncate(tokens, mask, max_seq_len, prompt)
         labels = shifted_labels(tokens, mask)
         if not has_targets(labels):
             stats.no_targets += 1
@@ -144,6 +147,16 @@ def _tokenize_turns(
         dataset.append(tokens, labels)
     _report_turns(records, dataset, stats, max_seq_len, report)
     return dataset
+
+
+def _prompt_mask(
+    record: dict, where: str, tokenizer: Tokenizer, template: Optional[InstructTemplate]
+) -> list[bool]:
+    """True on the prompt tokens of a record (what train_on_input=False would mask): where
+    truncation must not teach the closing token."""
+    if template is not None:
+        return tokenize_instruct(record, where, tokenizer, template, train_on_input=False)[1]
+    return tokenizer.tokenize_messages(chat_messages(record, where, train_on_input=False), add_eos=True)[1]
 
 
 def _report_turns(

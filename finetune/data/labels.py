@@ -6,7 +6,7 @@ here keeps the loss a plain cross entropy and lets packing concatenate samples w
 document's last prediction reaching into the next document.
 """
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 IGNORE_INDEX = -100
 
@@ -21,21 +21,26 @@ def shifted_labels(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
 
 
 def truncate(
-    tokens: list[int], mask: list[bool], max_seq_len: int
+    tokens: list[int], mask: list[bool], max_seq_len: int, prompt: Optional[Sequence[bool]] = None
 ) -> tuple[list[int], list[bool]]:
     """Cut a sample to `max_seq_len` tokens, keeping its final (end-of-sequence) token.
 
     Keeping the closing token means a truncated response still teaches the model to stop,
-    and generation from a fine-tuned model does not learn to run on forever. A cut inside a
-    masked span (the prompt) masks the closing token too: the model must not learn to end
-    its turn right after a half-read prompt.
+    and generation from a fine-tuned model does not learn to run on forever. A cut inside the
+    prompt masks the closing token too: the model must not learn to end its turn right after
+    a half-read prompt. The prompt is what `mask` masks, or `prompt` (True on prompt tokens)
+    when the mask trains it as well (train_on_input). A cut right after a turn's own closing
+    token keeps that one and adds no second.
     """
     if len(tokens) <= max_seq_len:
         return tokens, mask
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
-    closing_masked = mask[-1] or mask[max_seq_len - 2]
-    return tokens[: max_seq_len - 1] + tokens[-1:], mask[: max_seq_len - 1] + [closing_masked]
+    last_kept = max_seq_len - 2
+    if tokens[last_kept] == tokens[-1]:
+        return tokens[: last_kept + 1], mask[: last_kept + 1]
+    in_prompt = mask[last_kept] or (prompt is not None and prompt[last_kept])
+    return tokens[: last_kept + 1] + tokens[-1:], mask[: last_kept + 1] + [mask[-1] or in_prompt]
 
 
 def has_targets(labels: Sequence[int]) -> bool:

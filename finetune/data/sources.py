@@ -7,7 +7,8 @@ Local formats: `.json` (a list of objects, or one object per line), `.jsonl`, `.
 `.txt`. A `.txt` file is one record `{"text": <whole file>}`: text datasets are usually
 documents, and splitting them on newlines would cut paragraphs apart. A folder is either a
 dataset saved with `datasets.save_to_disk` (needs the optional `datasets` package) or a
-folder of data files; any other name is looked up on the Hugging Face Hub.
+folder of data files, read like a Hub dataset repository (finetune/data/folders.py picks its
+files); any other name is looked up on the Hugging Face Hub.
 """
 
 import codecs
@@ -16,9 +17,11 @@ import io
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from finetune.data.folders import canonical_split, split_files
 from finetune.errors import UserError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
@@ -48,45 +51,56 @@ class Records(list):
 
 
 def load_records(
-    source: str, *, split: str = "train", column_map: Optional[dict[str, str]] = None, subset: Optional[str] = None
+    source: str,
+    *,
+    split: str = "train",
+    column_map: Optional[dict[str, str]] = None,
+    subset: Optional[str] = None,
+    split_key: str = "split",
 ) -> Records:
     """Load every record of `source`'s `split`, renaming columns with `column_map`.
 
     `split` is a split name, optionally sliced like `train[:90%]`, `train[90%:]` or
     `train[:1000]`. A local file is its own "train" split. `column_map` maps the column
     name finetune expects to the user's name for it, e.g. `{"output": "answer"}`. `subset`
-    is a Hub dataset's configuration (`main` for openai/gsm8k); local sources have none.
+    is a Hub dataset's configuration (`main` for openai/gsm8k), or a subset of a local
+    dataset folder (a README.md config or a subfolder). `split_key` is the parameter the
+    split came from (`split`, `eval_split`), named in messages.
     """
-    name, bounds = parse_split(split)
+    name, bounds = parse_split(split, split_key)
+    subset = subset or None
     path = Path(source).expanduser()
     if path.is_file():
-        if name != "train":
+        _refuse_subset(subset, f"{source}, a single file")
+        if canonical_split(name) != "train":
             raise UserError(
-                f"split '{split}' asked of the file {source}, which is a single 'train' split; "
-                "use split='train' (optionally sliced, e.g. 'train[:90%]')"
+                f"{split_key} '{split}' asked of the file {source}, which is a single 'train' "
+                f"split; use {split_key}='train' (optionally sliced, e.g. 'train[:90%]')"
             )
         records = slice_records(read_file(path), bounds)
     elif path.is_dir():
-        records = slice_records(_read_folder(path, name), bounds)
+        records = slice_records(_read_folder(path, name, subset, split_key), bounds)
     elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"dataset file {source} does not exist; check the path")
     else:
-        records = _read_hub(source, split, subset)
+        records = _read_hub(source, split, subset, split_key)
     if not records:
         raise UserError(
-            f"dataset {source} (split '{split}') has no records; point it at a file with data"
+            f"dataset {source} ({split_key} '{split}') has no records; point it at a file with data"
         )
     if column_map:
         records = rename_columns(records, column_map)
     return records
 
 
-def parse_split(split: str) -> tuple[str, tuple[Optional[str], Optional[str]]]:
+def parse_split(
+    split: str, split_key: str = "split"
+) -> tuple[str, tuple[Optional[str], Optional[str]]]:
     """'train[:90%]' -> ('train', (None, '90%'))."""
     match = _SPLIT_RE.match(split.strip())
     if match is None:
         raise UserError(
-            f"split '{split}' is not understood; use a name like 'train' "
+            f"{split_key} '{split}' is not understood; use a name like 'train' "
             "or a slice like 'train[:90%]', 'train[90%:]', 'train[:1000]'"
         )
     return match.group(1), (match.group(2), match.group(3))
@@ -191,7 +205,10 @@ def _read_json(text: str, name: str) -> Records:
 
 def _read_jsonl(text: str, name: str) -> Records:
     records, lines = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: str.splitlines() also splits on U+2028, U+2029 and U+0085, which
+    # json.dumps(ensure_ascii=False) leaves raw inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -212,6 +229,7 @@ def _read_jsonl(text: str, name: str) -> Records:
 
 
 def _read_csv(text: str, name: str, delimiter: str) -> Records:
+    _allow_csv_fields_of(len(text))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
@@ -236,6 +254,17 @@ def _read_csv(text: str, name: str, delimiter: str) -> Records:
     return Records(records, source=name, lines=lines)
 
 
+def _allow_csv_fields_of(size: int) -> None:
+    """Raise the csv module's field limit (131,072 characters by default) to `size`: no
+    field of a file is longer than the file, and valid data must not be refused."""
+    if csv.field_size_limit() >= size:
+        return
+    try:
+        csv.field_size_limit(size)
+    except OverflowError:  # the limit is a C long, 32 bits on some platforms
+        csv.field_size_limit(min(size, 2**31 - 1, sys.maxsize))
+
+
 def _read_parquet(path: Path) -> Records:
     import pyarrow
     import pyarrow.parquet as pq
@@ -249,11 +278,12 @@ def _read_parquet(path: Path) -> Records:
     return Records(table.to_pylist(), source=str(path))
 
 
-def _read_folder(path: Path, split: str) -> Records:
-    """A `save_to_disk` folder, or a folder of data files named by split."""
+def _read_folder(path: Path, split: str, subset: Optional[str], split_key: str) -> Records:
+    """A `save_to_disk` folder, or a folder of data files read like a Hub dataset repository."""
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        return _read_saved(path, split)
-    files = _split_files(path, split)
+        _refuse_subset(subset, f"{path}, a dataset saved with save_to_disk")
+        return _read_saved(path, split, split_key)
+    files = split_files(path, split, subset=subset, split_key=split_key, suffixes=FILE_SUFFIXES)
     records, lines = [], []
     all_lines = True
     for file in files:
@@ -263,37 +293,15 @@ def _read_folder(path: Path, split: str) -> Records:
         lines.extend(part.lines or [])
     if len(files) == 1:
         return Records(records, source=str(files[0]), lines=lines if all_lines else None)
-    return Records(records, source=f"{path} ({split})")
+    return Records(records, source=f"{path} ({subset + ', ' if subset else ''}{split})")
 
 
-def _split_files(path: Path, split: str) -> list[Path]:
-    """Data files of one split, following the Hub's naming (train.jsonl, train-0001.parquet,
-    train/...); a folder without split names is all 'train'."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
-    if not files:
+def _refuse_subset(subset: Optional[str], what: str) -> None:
+    if subset is not None:
         raise UserError(
-            f"dataset folder {path} holds no data files; add files ending in "
-            f"{', '.join(FILE_SUFFIXES)}"
+            f"dataset_subset={subset} was given for {what}; dataset_subset only applies to Hub "
+            "datasets and dataset folders with subsets; unset it"
         )
-
-    def split_of(file: Path) -> Optional[str]:
-        parts = [part.lower() for part in file.relative_to(path).parts]
-        for word in ("train", "validation", "valid", "test", "eval"):
-            if parts[0] == word or re.match(rf"^{word}([-_.].*)?$", parts[-1]):
-                return word
-        return None
-
-    named = {file: split_of(file) for file in files}
-    chosen = [f for f, s in named.items() if s == split.lower()]
-    if not chosen and split == "train" and not any(named.values()):
-        chosen = files
-    if not chosen:
-        found = sorted({s for s in named.values() if s}) or ["train"]
-        raise UserError(
-            f"dataset folder {path} has no '{split}' files; splits found: {', '.join(found)}; "
-            "pick one with split"
-        )
-    return chosen
 
 
 def _import_datasets() -> Any:
@@ -306,7 +314,7 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _read_saved(path: Path, split: str) -> Records:
+def _read_saved(path: Path, split: str, split_key: str) -> Records:
     datasets = _import_datasets()
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -319,25 +327,27 @@ def _read_saved(path: Path, split: str) -> Records:
         if split not in loaded:
             raise UserError(
                 f"saved dataset {path} has no split '{split}'; splits found: "
-                f"{', '.join(loaded)}; pick one with split"
+                f"{', '.join(loaded)}; pick one with {split_key}"
             )
         loaded = loaded[split]
-    elif split != "train":
+    elif canonical_split(split) != "train":
         raise UserError(
-            f"saved dataset {path} is a single split, asked for '{split}'; use split='train'"
+            f"saved dataset {path} is a single split, asked for '{split}'; "
+            f"use {split_key}='train'"
         )
     return Records(loaded.to_list(), source=str(path))
 
 
-def _read_hub(name: str, split: str, subset: Optional[str] = None) -> Records:
+def _read_hub(name: str, split: str, subset: Optional[str], split_key: str) -> Records:
     datasets = _import_datasets()
     try:
         loaded = datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing name, bad split or subset: all fixable by the user
         which = f" subset '{subset}'" if subset else ""
         raise UserError(
-            f"cannot load dataset '{name}'{which} split '{split}' from the Hugging Face Hub "
-            f"({_first_line(e)}); check the name, subset (dataset_subset) and split, or point to a local file"
+            f"cannot load dataset '{name}'{which} {split_key} '{split}' from the Hugging Face Hub "
+            f"({_first_line(e)}); check the name, subset (dataset_subset) and {split_key}, "
+            "or point to a local file"
         ) from None
     return Records(loaded.to_list(), source=name)
 

@@ -38,7 +38,7 @@ def text_column(record: Mapping[str, Any], column: str, where: str, required: bo
             f"column '{column}' of {where} holds {_describe(value)}, expected text; "
             "fix the record or map another column with column_map"
         )
-    return value
+    return _checked_text(value, f"column '{column}' of {where}")
 
 
 def tokenize_instruct(
@@ -76,13 +76,14 @@ def chat_messages(record: Mapping[str, Any], where: str, train_on_input: bool) -
             for i, t in enumerate(turns)
         ]
         contents = [_content(t, "value", where, i) for i, t in enumerate(turns)]
-        weights = [None] * len(turns)
+        weights = [_weight(t, where, i) for i, t in enumerate(turns)]
     else:
         raise missing_column("messages", record, where)
     check_turn_order(roles, where)
     messages = []
     for role, content, weight in zip(roles, contents, weights):
-        # An explicit per-message weight (OpenAI format) wins over train_on_input.
+        # An explicit per-turn weight (OpenAI's fine-tuning format, also read on ShareGPT turns)
+        # wins over train_on_input.
         masked = (weight == 0) if weight is not None else (False if train_on_input else None)
         messages.append(Message(role=role, content=content, masked=masked))
     return messages
@@ -160,6 +161,20 @@ def _content(turn: Mapping[str, Any], key: str, where: str, i: int) -> str:
             f"turn {i + 1} of {where} has '{key}' holding {_describe(value)}, expected text; "
             "fix the record"
         )
+    return _checked_text(value, f"'{key}' of turn {i + 1} in {where}")
+
+
+def _checked_text(value: str, what: str) -> str:
+    """`value`, if it is text a tokenizer can read. JSON's \\ud800-style escapes can decode to a
+    lone UTF-16 surrogate, which is no character: SentencePiece fails on it and tiktoken
+    silently turns it into U+FFFD."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(
+            f"{what} holds a lone UTF-16 surrogate {value[exc.start]!r} at character {exc.start + 1}, which "
+            "is not text (a broken \\uXXXX escape); remove it or re-export the data"
+        ) from None
     return value
 
 

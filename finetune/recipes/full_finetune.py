@@ -37,7 +37,7 @@ from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes import run_recipe
 from finetune.tokenizers.loader import resolve_tokenizer_path
-from finetune.training.data_setup import build_data, steps_per_epoch
+from finetune.training.data_setup import build_data, build_eval_data, steps_per_epoch
 from finetune.training.distributed import (
     barrier, destroy_distributed, init_distributed, resolve_device, run_on_rank_zero,
 )
@@ -96,11 +96,7 @@ class FullFinetuneRecipe:
         self.train_loader, self.sampler = build_data(
             p, self.tokenizer, self.dist, source=p.dataset, split=p.split, shuffle=p.shuffle, log=self.log
         )
-        self.eval_loader = None
-        if p.eval_dataset:
-            self.eval_loader, _ = build_data(
-                p, self.tokenizer, self.dist, source=p.eval_dataset, split=p.eval_split, shuffle=False, log=self.log
-            )
+        self.eval_loader = build_eval_data(p, self.tokenizer, self.dist, log=self.log)
         # Weights last: a bad tokenizer or dataset is reported before minutes of loading.
         self.model = self._setup_model(resume_dir)
         self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)

@@ -132,6 +132,15 @@ def test_wrong_value_type_names_column_and_record(tmp_path: Path, sp_tokenizer: 
     )
 
 
+def test_a_lone_surrogate_is_named_not_a_tokenizer_crash(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "Hi", "output": "fine"}\n{"instruction": "Say \\ud83d", "output": "ok"}\n')
+    assert user_error(build, path, sp_tokenizer) == (
+        f"column 'instruction' of {path} line 2 holds a lone UTF-16 surrogate '\\ud83d' at character 5, which "
+        "is not text (a broken \\uXXXX escape); remove it or re-export the data"
+    )
+
+
 def test_wrong_text_type(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"text": "fine"}, {"text": ["a", "list"]}]))

@@ -41,6 +41,14 @@ def test_shifted_labels_and_truncate_by_hand() -> None:
     assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 3) == (
         [1, 10, 2], [True, True, True]
     )
+    # train_on_input trains the prompt; a cut inside it still must not teach the closing token.
+    prompt = [True, True, False, False, False]
+    assert truncate([1, 10, 11, 12, 2], [False] * 5, 3, prompt) == ([1, 10, 2], [False, False, True])
+    assert truncate([1, 10, 11, 12, 2], [False] * 5, 4, prompt) == ([1, 10, 11, 2], [False] * 4)
+    # A cut right after a turn's own closing token (2) keeps it once.
+    assert truncate([1, 10, 2, 11, 12, 2], [True, False, False, True, False, False], 4) == (
+        [1, 10, 2], [True, False, False]
+    )
 
 
 def test_alpaca_sample_trains_only_on_the_response(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
@@ -99,6 +107,30 @@ def test_a_sample_cut_inside_its_prompt_is_skipped_not_taught_to_stop(tmp_path: 
                     log=messages.append)
     assert len(dataset) == 1 and len(dataset[0]["tokens"]) == 14
     assert messages[0].endswith("; 1 samples with nothing left to learn were skipped")
+
+
+def test_train_on_input_cut_inside_the_prompt_does_not_teach_the_closing_token(
+    tmp_path: Path, sp_tokenizer: Tokenizer, llama3_tokenizer: Tokenizer
+) -> None:
+    long_prompt = {"instruction": " ".join(["word"] * 40), "input": "", "output": "yes"}
+    [sample] = build(tmp_path, [long_prompt], sp_tokenizer, template="plain", max_seq_len=16, train_on_input=True)
+    assert sample["tokens"][-1] == sp_tokenizer.eos_id
+    assert sample["labels"][-2:] == [X, X]  # the prompt's words are trained, the cut-off eos is not
+    assert all(label != X for label in sample["labels"][:-2])
+    chat = {"messages": [{"role": "user", "content": " ".join(["word"] * 40)}, {"role": "assistant", "content": "yes"}]}
+    [sample] = build(tmp_path, [chat], llama3_tokenizer, dataset_type="chat", max_seq_len=16, train_on_input=True)
+    assert sample["labels"][-2:] == [X, X]
+
+
+def test_a_cut_right_after_an_answer_keeps_one_closing_token(tmp_path: Path, llama3_tokenizer: Tokenizer) -> None:
+    tok = llama3_tokenizer
+    eot = tok.special_tokens["<|eot_id|>"]  # type: ignore[attr-defined]
+    turns = [{"role": r, "content": c} for r, c in CHAT]
+    [full] = build(tmp_path, [{"messages": turns}], tok, dataset_type="chat")
+    first_answer_end = full["labels"].index(eot) + 1  # where the first trained <|eot_id|> sits
+    [cut] = build(tmp_path, [{"messages": turns}], tok, dataset_type="chat", max_seq_len=first_answer_end + 2)
+    assert cut["tokens"] == full["tokens"][: first_answer_end + 1]
+    assert cut["labels"] == full["labels"][:first_answer_end] + [X]
 
 
 def test_reports_stay_silent_off_rank_zero(
@@ -170,11 +202,14 @@ def test_chat_train_on_input_and_message_weights(tmp_path: Path, sp_tokenizer: T
     tokens, _ = llama2_chat_by_hand(sp_tokenizer)
     assert dataset[0] == {"tokens": tokens, "labels": tokens[1:] + [X]}
 
-    # weight 0 on the first answer: only the second exchange's answer is learned.
+    # weight 0 on the first answer: only the second exchange's answer is learned (ShareGPT turns too).
     turns[2]["weight"] = 0
-    dataset = build(tmp_path, [{"messages": turns}], sp_tokenizer, dataset_type="chat")
+    sharegpt = [{"from": SHAREGPT_NAMES[t["role"]], "value": t["content"], **({"weight": 0} if "weight" in t else {})}
+                for t in turns]
+    dataset = build(tmp_path, [{"messages": turns}, {"conversations": sharegpt}], sp_tokenizer, dataset_type="chat")
     second_answer = sp_tokenizer.encode("8 ", add_bos=False, add_eos=True)
     assert [label for label in dataset[0]["labels"] if label != X] == second_answer
+    assert dataset[1] == dataset[0]
 
 
 def test_samples_without_targets_are_skipped(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
