@@ -139,6 +139,16 @@ def ptq_config(scheme: str, group_size: int, device: torch.device):
     raise ValueError(f"no torchao config for scheme {scheme!r}")
 
 
+def hf_quantization_config(config) -> dict:
+    """The `quantization_config` of config.json with which transformers loads torchao's
+    flattened safetensors of `config`'s scheme (its torchao quantizer, `quant_method` torchao)."""
+    core = _import("torchao.core.config", "quantization")
+    return {
+        "quant_method": "torchao", "quant_type": {"default": core.config_to_dict(config)},
+        "modules_to_not_convert": None, "include_input_output_embeddings": False, "untie_embedding_weights": False,
+    }
+
+
 def quantize_modules_(model: torch.nn.Module, config, filter_fn) -> None:
     """torchao's `quantize_` on the modules for which `filter_fn(module, fqn)` is true (in place)."""
     q = _import(_QUANT, "quantization")

@@ -325,7 +325,7 @@ class GenerateParams(ParamsIO):
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     batch_size: int = param(8, "prompts generated together (left-padded); 1 prompt streams its text")
-    output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl")
+    output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl (replaced when all are done)")
 
     def __post_init__(self) -> None:
         from finetune.data.templates import get_template
@@ -438,7 +438,7 @@ class EvalParams(ParamsIO):
     max_seq_len: Optional[int] = param(None, "longest context the model sees; none = the model's, at most 4096")
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
-    output_path: Optional[str] = param(None, "also write the harness's results as JSON to this file")
+    output_path: Optional[str] = param(None, "also write the harness's results to this .json file, or results.json in this folder/")
 
     def __post_init__(self) -> None:
         from finetune.models import MODEL_NAMES

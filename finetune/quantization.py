@@ -9,7 +9,9 @@ A quantized checkpoint directory holds
                       descriptions in the file's metadata (no pickle: loading runs no code);
                       int4 codes, which torchao keeps one per byte on CPU, packed two per byte
   quantization.json   scheme, group size, torchao version, dtype and the measured numbers
-  config.json, generation_config.json, tokenizer files   so the directory describes itself
+  config.json, generation_config.json, tokenizer files   so the directory describes itself;
+                      for the int8 schemes config.json carries transformers' torchao
+                      `quantization_config`, so AutoModelForCausalLM loads the directory as is
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from finetune import ao
 from finetune.checkpointing.formats import detect_format, hf_weight_files, meta_weight_files
 from finetune.checkpointing.key_mapping import from_hf_name, to_hf_name
 from finetune.checkpointing.model_configs import HF_CONFIG, model_args_from_hf_config, read_json
-from finetune.checkpointing.safetensors_io import iter_safetensors, save_safetensors
+from finetune.checkpointing.safetensors_io import iter_safetensors, read_header, save_safetensors
 from finetune.checkpointing.writers import write_beside_weights
 from finetune.data import IGNORE_INDEX, collate
 from finetune.errors import UserError
@@ -38,6 +40,7 @@ from finetune.params import GROUP_SIZES
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only", "gptq_int4")
 GROUPED_SCHEMES = ("int4_weight_only", "gptq_int4")
+HF_LOADABLE_SCHEMES = ("int8_weight_only", "int8_dynamic")  # transformers loads these outputs as they are
 QUANTIZATION_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
@@ -281,12 +284,19 @@ def save_quantized_checkpoint(
     packed = [name for name in int4_codes if tensors[name].shape[-1] % 2 == 0]
     for name in packed:
         tensors[name] = pack_int4(tensors[name])
-    metadata[_PACKED_INT4] = json.dumps(packed)
+    if packed:
+        metadata[_PACKED_INT4] = json.dumps(packed)
     save_safetensors(tensors, out / WEIGHTS_FILE, metadata=metadata)
     size = (out / WEIGHTS_FILE).stat().st_size
 
     dtype = model.tok_embeddings.weight.dtype
     write_beside_weights(out, args, dtype, **beside)
+    if record["scheme"] in HF_LOADABLE_SCHEMES:
+        # int8 weights are torchao's own layout, which transformers reads given this entry. The
+        # int4 codes are packed two per byte, a layout of ours: those load here only.
+        config = read_json(out / HF_CONFIG)
+        config["quantization_config"] = ao.hf_quantization_config(ao.ptq_config(record["scheme"], 0, torch.device("cpu")))
+        _write_json(out / HF_CONFIG, config)
     _write_json(out / QUANTIZATION_FILE, {
         "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
         "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,
@@ -319,6 +329,7 @@ def read_quantization_record(directory: Union[str, Path]) -> dict[str, Any]:
 def _read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
+    read_header(path)  # a damaged file is one error line, not safetensors' traceback
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
 

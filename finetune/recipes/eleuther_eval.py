@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -225,8 +226,10 @@ class EleutherEvalRecipe:
         p = self.params
         p.check()  # a notebook may have changed a field since the params were built
         self.lm_eval = import_lm_eval()
-        # Task names are checked before gigabytes of weights are read.
+        # Task names and the results path are checked before gigabytes of weights are read.
         self.task_manager = self._task_manager()
+        if p.output_path is not None:
+            results_file(p.output_path)
         self.device = resolve_device(p.device)
         self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
         checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
@@ -309,13 +312,15 @@ class EleutherEvalRecipe:
         if results.get("groups"):
             print(utils.make_table(results, "groups"), flush=True)
         if p.output_path is not None:
-            self._write(Path(p.output_path), results, utils.handle_non_serializable)
+            self._write(results_file(p.output_path), results, utils.handle_non_serializable)
         return results
 
     def _write(self, path: Path, results: dict[str, Any], default: Any) -> None:
+        partial = path.with_name(path.name + ".partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(results, indent=2, default=default) + "\n", encoding="utf-8")
+            partial.write_text(json.dumps(results, indent=2, default=default) + "\n", encoding="utf-8")
+            os.replace(partial, path)  # whole or not at all
         except OSError as exc:
             raise UserError(f"cannot write output_path {path}: {exc.strerror}; choose another path") from None
         self.log(f"results written to {path}")
@@ -329,6 +334,18 @@ class EleutherEvalRecipe:
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+
+def results_file(output_path: str) -> Path:
+    """Where output_path puts the results: a folder (one that exists, or a path ending in /, as
+    lm-eval's --output_path takes) gets results.json; a file must be .json, so that no other
+    file (a checkpoint's weights, say) is written over."""
+    path = Path(output_path).expanduser()
+    if path.is_dir() or output_path.endswith(("/", "\\")):
+        return path / "results.json"
+    if path.suffix != ".json":
+        raise UserError(f"output_path {output_path} must be a .json file or a folder (end it with /); choose such a path")
+    return path
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -10,6 +10,7 @@ each response at a stop token or stop string, and reports tokens/s and time to f
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ class GenerateRecipe:
     def __init__(self, params: GenerateParams) -> None:
         self.params = params
         self.output: Optional[TextIO] = None
+        self.output_path: Optional[Path] = None
 
     # ------------------------------------------------------------------------------------------
     # Setup
@@ -78,7 +80,8 @@ class GenerateRecipe:
             self._check_length(prompt)
 
         if p.output_file is not None:
-            self.output = self._open_output(Path(p.output_file))
+            self.output_path = self._check_output_file(Path(p.output_file))
+            self.output = self._open_output(self._partial(self.output_path))
 
         # The adapter is checked against the architecture before any base weight is read.
         adapter = (
@@ -158,6 +161,20 @@ class GenerateRecipe:
                 f"context of {context} tokens; shorten the prompt or lower max_new_tokens"
             )
 
+    def _check_output_file(self, path: Path) -> Path:
+        """Results go only to a .jsonl that is not the prompt file, so no input is written over."""
+        if path.suffix != ".jsonl":
+            raise UserError(f"output_file {path} must end in .jsonl (one JSON result per line); choose such a path")
+        if self.params.prompt_file is not None and path.resolve() == resolve_path(self.params.prompt_file).resolve():
+            raise UserError(f"output_file {path} is the prompt_file; write the results to another path")
+        return path
+
+    @staticmethod
+    def _partial(path: Path) -> Path:
+        # Results gather here and replace `path` only once every prompt is done: an earlier
+        # results file survives a failed or interrupted run.
+        return path.with_name(path.name + ".partial")
+
     def _open_output(self, path: Path) -> TextIO:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,6 +195,11 @@ class GenerateRecipe:
             # Seeds differ per batch, so a file's batches do not all draw the same random numbers.
             seed = None if p.seed is None else p.seed + start
             results += self._generate_batch(self.prompts[start : start + p.batch_size], start, seed)
+        if self.output is not None:
+            self.output.close()
+            self.output = None
+            os.replace(self._partial(self.output_path), self.output_path)
+            self.log(f"results written to {self.output_path}")
         if len(self.prompts) > 1:
             total = sum(r["generated_tokens"] for r in results)
             elapsed = time.perf_counter() - started

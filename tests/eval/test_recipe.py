@@ -97,6 +97,20 @@ def test_local_tasks_run_end_to_end_with_known_scores(capsys, checkpoint_dir, ta
     assert "|local_gen|" in stdout.replace(" ", "") and "exact_match" in stdout and "acc" in stdout
 
 
+def test_output_path_is_a_json_file_or_a_folder_and_never_another_file(capsys, checkpoint_dir, task_dir, tmp_path):
+    folder = tmp_path / "runs"
+    code, _, err = run(capsys, *eval_args(checkpoint_dir, task_dir, f"{folder}/", "tasks=local_mc", "limit=2"))
+    assert code == 0, err
+    assert json.loads((folder / "results.json").read_text())["n-samples"]["local_mc"]["effective"] == 2
+    weights = checkpoint_dir / "model.safetensors"
+    before = weights.read_bytes()
+    code, _, err = run(capsys, *eval_args(checkpoint_dir, task_dir, weights, "tasks=local_mc", "limit=2"))
+    assert code == 2
+    assert error_line(err) == (f"error: output_path {weights} must be a .json file or a folder (end it with /); "
+                               "choose such a path")
+    assert weights.read_bytes() == before
+
+
 def test_limit_and_few_shot_reach_the_harness(capsys, checkpoint_dir, task_dir, tmp_path):
     output = tmp_path / "eval.json"
     code, _, err = run(capsys, *eval_args(checkpoint_dir, task_dir, output, "tasks=local_mc", "limit=4", "num_fewshot=1"))

@@ -224,6 +224,29 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert_one_error_line(code, err, f"checkpoint directory {tmp_path / 'nowhere'} does not exist")
 
 
+def test_output_file_never_writes_over_an_input_and_replaces_results_only_when_done(llama2_dir, capsys, tmp_path):
+    weights = llama2_dir / "model.safetensors"
+    before = weights.read_bytes()
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", f"output_file={weights}")
+    assert_one_error_line(code, err, f"output_file {weights} must end in .jsonl")
+    assert weights.read_bytes() == before
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Say hi."}\n')
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", f"output_file={prompts}")
+    assert_one_error_line(code, err, f"output_file {prompts} is the prompt_file")
+    # A run that fails (here: a bad adapter_dir) leaves the earlier results as they were.
+    results = tmp_path / "results.jsonl"
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", "max_new_tokens=4",
+                                 f"output_file={results}")
+    assert code == 0, err
+    earlier = results.read_text()
+    assert len(read_results(results)) == 1
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", "max_new_tokens=4",
+                                 f"output_file={results}", f"adapter_dir={tmp_path / 'no_adapter'}")
+    assert code == 2
+    assert results.read_text() == earlier
+
+
 def test_adapter_on_its_own_merged_model_is_refused(llama2_dir, capsys, tmp_path):
     # The LoRA recipe writes step_N/ (adapter) and step_N/merged/ (base + adapter): the two together
     # would apply the adapter twice.

@@ -35,6 +35,33 @@ def test_quantize_reports_size_and_perplexity_then_generate_loads_it(capsys, tra
     assert "=== response ===" in stdout
 
 
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "int8_dynamic"])
+def test_int8_outputs_load_in_transformers_with_our_logits(capsys, trained_dir, tmp_path, scheme):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / scheme
+    assert run(capsys, *quantize_args(trained_dir, out, f"scheme={scheme}", "eval_dataset=none"))[0] == 0
+    ours, _ = load_quantized_model(out, device=torch.device("cpu"))
+    theirs = AutoModelForCausalLM.from_pretrained(out)
+    assert type(theirs.model.layers[0].self_attn.q_proj.weight).__name__ == type(ours.layers[0].attn.q_proj.weight).__name__
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
+
+
+def test_a_truncated_quantized_checkpoint_is_one_error_line(capsys, trained_dir, tmp_path):
+    out = tmp_path / "int8"
+    assert run(capsys, *quantize_args(trained_dir, out, "scheme=int8_weight_only", "eval_dataset=none"))[0] == 0
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run(capsys, "generate", f"checkpoint_dir={out}", "prompt=Hi", "template=none",
+                       "max_new_tokens=4", "device=cpu")
+    assert code == 2
+    assert error_line(err).startswith(f"error: {weights}: tensor ")
+    assert error_line(err).endswith("the file is truncated or corrupt")
+
+
 def test_gptq_calibrates_on_the_given_data(capsys, trained_dir, tmp_path):
     out = tmp_path / "gptq"
     code, _, err = run(capsys, *quantize_args(trained_dir, out, "scheme=gptq_int4", "group_size=64",
