@@ -245,6 +245,20 @@ def _coerce(value: Any, tp: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
+# What transformers, TRL and PEFT call some of our settings: (our key, why it differs).
+FOREIGN_KEYS = {
+    "do_sample": ("temperature", "sampling is on when temperature > 0"),
+    "learning_rate": ("lr", ""),
+    "num_train_epochs": ("epochs", ""),
+    "per_device_train_batch_size": ("batch_size", ""),
+    "gradient_checkpointing": ("enable_activation_checkpointing", ""),
+    "max_length": ("max_seq_len", ""),
+    "lora_r": ("lora_rank", ""),
+    "r": ("lora_rank", ""),
+    "model_name_or_path": ("checkpoint_dir", "a local folder"),
+}
+
+
 class TuneArgumentParser:
     """Parse `--config X [--override k=v ...] [k=v ...]` into a validated Params dataclass."""
 
@@ -308,6 +322,9 @@ class TuneArgumentParser:
         leaf = key.rsplit(".", 1)[-1]
         close = [leaf] if leaf in self.fields else difflib.get_close_matches(leaf, list(self.fields), n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
+        ours, why = FOREIGN_KEYS.get(leaf, ("", ""))
+        if ours in self.fields:
+            hint = f"did you mean '{ours}'?{f' ({why})' if why else ''} "
         if leaf in {f.name for f in dataclasses.fields(LoraFinetuneParams)} - set(self.fields):
             hint = "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed; "
         raise UserError(f"unknown key '{key}' {where}; {hint}run with --help to list every key")

@@ -25,6 +25,7 @@ from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
+from finetune.data.sources import read_file
 from finetune.errors import UserError
 from finetune.models import num_params
 from finetune.models.generation import TextStream, generate
@@ -47,6 +48,9 @@ class Prompt:
     where: str  # for messages: "" for the prompt param, or "line 3 of prompts.txt"
     reference: Optional[str] = None  # the record's expected output, copied to output_file
     tokens: Optional[list[int]] = None
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")  # a prompt_file of records; others: a prompt per line
 
 
 class GenerateRecipe:
@@ -73,6 +77,9 @@ class GenerateRecipe:
             self.model_args.family, self.model_args.vocab_size,
         )
         self.template = None if p.chat or p.template == "none" else get_template(p.template)
+        if p.temperature == 0 and (p.top_k is not None or p.top_p is not None):
+            self.log("note: top_k and top_p shape sampling, which needs temperature > 0; at temperature=0 "
+                     "decoding is greedy and they do nothing (set e.g. temperature=0.7 to sample)")
         self.log(f"prompt format: {self._describe_format()}")
         self.prompts = self._read_prompts()
         for prompt in self.prompts:
@@ -131,12 +138,16 @@ class GenerateRecipe:
         path = resolve_path(p.prompt_file)  # type: ignore[arg-type]
         if not path.is_file():
             raise UserError(f"prompt_file {path} does not exist; check the path")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UserError(f"prompt_file {path} is not UTF-8 text; save it as UTF-8") from None
-        reader = _record_prompt if path.suffix == ".jsonl" else _line_prompt
-        prompts = [reader(line, f"line {n} of {path}") for n, line in enumerate(lines, 1) if line.strip()]
+        if path.suffix.lower() in RECORD_SUFFIXES:
+            # Records, read as training reads its data files: instruction (+ input, output).
+            records = read_file(path)
+            prompts = [_record_prompt(record, records.where(i)) for i, record in enumerate(records)]
+        else:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise UserError(f"prompt_file {path} is not UTF-8 text; save it as UTF-8") from None
+            prompts = [_line_prompt(line, f"line {n} of {path}") for n, line in enumerate(lines, 1) if line.strip()]
         if not prompts:
             raise UserError(f"prompt_file {path} holds no prompts; write one prompt per line")
         return prompts
@@ -293,12 +304,8 @@ def _line_prompt(line: str, where: str) -> Prompt:
     return Prompt(line.strip(), "", where)
 
 
-def _record_prompt(line: str, where: str) -> Prompt:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"invalid JSON at {where}: {exc.msg}; write one JSON object per line") from None
-    if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+def _record_prompt(record: dict, where: str) -> Prompt:
+    if not isinstance(record.get("instruction"), str):
         raise UserError(
             f"{where} has no 'instruction' text; each record needs instruction (and optionally input), "
             'e.g. {"instruction": "Add the numbers.", "input": "2 and 3"}'

@@ -250,8 +250,10 @@ def test_overrides_before_and_after_config_and_a_positional_config(capsys):
 
 
 @pytest.mark.parametrize(("override", "suggestion"), [("optimizer.lr=1e-4", "did you mean 'lr'?"),
-                                                      ("checkpointer.output_dir=/x", "did you mean 'output_dir'?")])
-def test_torchtune_nested_keys_suggest_the_flat_key(capsys, config, override, suggestion):
+                                                      ("checkpointer.output_dir=/x", "did you mean 'output_dir'?"),
+                                                      ("learning_rate=1e-4", "did you mean 'lr'?"),
+                                                      ("num_train_epochs=3", "did you mean 'epochs'?")])
+def test_torchtune_nested_keys_and_transformers_names_suggest_ours(capsys, config, override, suggestion):
     code, out = run_in_process(capsys, "validate", "--config", str(config), override)
     assert code == 2 and suggestion in single_error_line(out.err)
 

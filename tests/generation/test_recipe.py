@@ -269,9 +269,33 @@ def test_adapter_for_another_base_model(llama2_dir, capsys, tmp_path):
     assert_one_error_line(code, err, "q_proj.lora_A.weight", "shape [4, 32] but [4, 64] is expected")
 
 
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_a_prompt_file_of_records_in_any_data_format(llama2_dir, capsys, tmp_path, suffix):
+    path = tmp_path / f"prompts{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Count.", "input": "1"}]))
+    else:
+        path.write_text('instruction,input,output\nSay hi.,,hi\nCount.,1,\n')
+    out_file = tmp_path / "out.jsonl"
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={path}", "max_new_tokens=3",
+                                 f"output_file={out_file}")
+    assert code == 0, err
+    results = read_results(out_file)
+    assert [r["instruction"] for r in results] == ["Say hi.", "Count."]
+    assert [r["input"] for r in results] == ["", "1"]
+
+
+def test_sampling_options_at_temperature_zero_are_noted_and_do_sample_points_to_temperature(llama2_dir, capsys):
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", "max_new_tokens=2", "top_p=0.5")
+    assert code == 0, err
+    assert "note: top_k and top_p shape sampling, which needs temperature > 0" in err
+    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", "do_sample=true")
+    assert_one_error_line(code, err, "unknown key 'do_sample'", "did you mean 'temperature'? (sampling is on when temperature > 0)")
+
+
 @pytest.mark.parametrize("line, fragment", [
-    ("{not json", "invalid JSON at line 2 of"),
-    ('{"input": "no instruction"}', "line 2 of"),
+    ("{not json", "records.jsonl line 2 column 2 is not valid JSON"),
+    ('{"input": "no instruction"}', "records.jsonl line 2 has no 'instruction' text"),
 ])
 def test_bad_prompt_records(llama2_dir, capsys, tmp_path, line, fragment):
     records = tmp_path / "records.jsonl"
