@@ -286,17 +286,18 @@ def _refuse_mixed_subsets(root: Path, chosen: list[Path], split: str, splits: se
     and `socratic/`): merging them would train on two datasets at once."""
     parts = [file.relative_to(root).parts for file in chosen]
     tops = {p[0] for p in parts if len(p) > 1}
-    subsets = sorted(
-        top
-        for top in tops
-        if top != "data" and top not in splits and not _KEYWORD_RE.match(top.lower())
-    )
+    subsets = sorted(top for top in tops if _may_be_subset(top) and top not in splits)
     if len(subsets) >= 2:
         raise UserError(
             f"dataset folder {root} has '{split}' files in the subfolders {', '.join(subsets)}, "
             f"which look like subsets of the dataset; pick one with {_SUBSET_KEY} "
             f"(e.g. {_SUBSET_KEY}={subsets[0]})"
         )
+
+
+def _may_be_subset(folder_name: str) -> bool:
+    """Whether a top-level folder can be a subset: not hidden, not the Hub's `data/`, not a split."""
+    return not folder_name.startswith(".") and folder_name != "data" and not _KEYWORD_RE.match(folder_name.lower())
 
 
 def _subset_folder(folder: Path, subset: str, suffixes: tuple[str, ...]) -> Path:
@@ -307,11 +308,7 @@ def _subset_folder(folder: Path, subset: str, suffixes: tuple[str, ...]) -> Path
     found = sorted(
         d.name
         for d in folder.iterdir()
-        if d.is_dir()
-        and not d.name.startswith(".")
-        and d.name != "data"
-        and not _KEYWORD_RE.match(d.name.lower())
-        and _data_files(d, suffixes)
+        if d.is_dir() and _may_be_subset(d.name) and _data_files(d, suffixes)
     )
     if not found:
         raise UserError(

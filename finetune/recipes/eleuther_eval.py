@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from finetune.checkpointing import load_model
+from finetune.checkpointing.atomic import atomic_write_text
 from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
@@ -228,8 +228,7 @@ class EleutherEvalRecipe:
         self.lm_eval = import_lm_eval()
         # Task names and the results path are checked before gigabytes of weights are read.
         self.task_manager = self._task_manager()
-        if p.output_path is not None:
-            results_file(p.output_path)
+        self.results_path = results_file(p.output_path) if p.output_path is not None else None
         self.device = resolve_device(p.device)
         self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
         checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
@@ -311,16 +310,14 @@ class EleutherEvalRecipe:
         print(utils.make_table(results), flush=True)
         if results.get("groups"):
             print(utils.make_table(results, "groups"), flush=True)
-        if p.output_path is not None:
-            self._write(results_file(p.output_path), results, utils.handle_non_serializable)
+        if self.results_path is not None:
+            self._write(self.results_path, results, utils.handle_non_serializable)
         return results
 
     def _write(self, path: Path, results: dict[str, Any], default: Any) -> None:
-        partial = path.with_name(path.name + ".partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(results, indent=2, default=default) + "\n", encoding="utf-8")
-            os.replace(partial, path)  # whole or not at all
+            atomic_write_text(path, json.dumps(results, indent=2, default=default) + "\n")  # whole or not at all
         except OSError as exc:
             raise UserError(f"cannot write output_path {path}: {exc.strerror}; choose another path") from None
         self.log(f"results written to {path}")

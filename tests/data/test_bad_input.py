@@ -3,20 +3,10 @@
 import json
 from pathlib import Path
 
-import pytest
 
 from finetune.data import build_dataset, get_template, load_records
-from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
-from tests.data.helpers import ALPACA_RECORDS, write_jsonl
-
-
-def user_error(fn, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message and not message.lower().startswith("error")
-    return message
+from tests.data.helpers import ALPACA_RECORDS, user_error, write_jsonl
 
 
 def build(path: Path, tokenizer: Tokenizer, dataset_type: str = "instruct", **kwargs) -> object:  # type: ignore[no-untyped-def]

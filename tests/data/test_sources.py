@@ -11,7 +11,7 @@ import pytest
 
 from finetune.data import load_records
 from finetune.errors import UserError
-from tests.data.helpers import ALPACA_RECORDS, write_jsonl
+from tests.data.helpers import ALPACA_RECORDS, user_error, write_jsonl
 
 
 def write_json(path: Path, records: list[dict]) -> Path:
@@ -140,9 +140,7 @@ def test_hf_hub_name_that_cannot_load_is_a_user_error(monkeypatch: pytest.Monkey
         raise ConnectionError("Couldn't reach 'someone/nothing' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError) as info:
-        load_records("someone/nothing", split="train[:10%]")
-    assert str(info.value) == (
+    assert user_error(load_records, "someone/nothing", split="train[:10%]") == (
         "cannot load dataset 'someone/nothing' split 'train[:10%]' from the Hugging Face Hub "
         "(Couldn't reach 'someone/nothing' on the Hub (LocalEntryNotFoundError)); check the "
         "name, subset (dataset_subset) and split, or point to a local file"
@@ -173,9 +171,7 @@ def test_hf_source_without_datasets_names_the_extra(
         'run pip install "finetune[hf]"'
     )
     for source in ("tatsu-lab/alpaca", str(tmp_path)):
-        with pytest.raises(UserError) as info:
-            load_records(source)
-        assert str(info.value) == expected
+        assert user_error(load_records, source) == expected
 
 
 # Local dataset folders laid out like Hub dataset repositories.
@@ -221,21 +217,15 @@ def test_readme_configs_pick_the_subset(tmp_path: Path) -> None:
     write_readme(folder, "pretty_name: GSM8K\n" + GSM8K_CONFIGS)
     assert load_records(str(folder), subset="main") == GSM8K_ROWS["main", "train"]
     assert load_records(str(folder), split="test", subset="socratic") == GSM8K_ROWS["socratic", "test"]
-    with pytest.raises(UserError) as info:
-        load_records(str(folder))
-    assert str(info.value) == (
+    assert user_error(load_records, str(folder)) == (
         f"dataset folder {folder} has 2 subsets (configs in its README.md) and none is the "
         "default: main, socratic; pick one with dataset_subset"
     )
-    with pytest.raises(UserError) as info:
-        load_records(str(folder), subset="mian")
-    assert str(info.value) == (
+    assert user_error(load_records, str(folder), subset="mian") == (
         f"dataset folder {folder} has no subset 'mian'; subsets found (configs in its "
         "README.md): main, socratic; pick one with dataset_subset"
     )
-    with pytest.raises(UserError) as info:
-        load_records(str(folder), split="validation", subset="main", split_key="eval_split")
-    assert str(info.value) == (
+    assert user_error(load_records, str(folder), split="validation", subset="main", split_key="eval_split") == (
         f"subset 'main' of dataset folder {folder} has no split 'validation'; splits found: "
         "train, test; pick one with eval_split"
     )
@@ -296,17 +286,13 @@ def test_readme_without_configs_falls_back_to_file_names(tmp_path: Path) -> None
 
 def test_subfolder_subsets_are_never_mixed(tmp_path: Path) -> None:
     folder = write_gsm8k_like(tmp_path / "gsm8k")
-    with pytest.raises(UserError) as info:
-        load_records(str(folder))
-    assert str(info.value) == (
+    assert user_error(load_records, str(folder)) == (
         f"dataset folder {folder} has 'train' files in the subfolders main, socratic, which "
         "look like subsets of the dataset; pick one with dataset_subset (e.g. dataset_subset=main)"
     )
     assert load_records(str(folder), subset="main") == GSM8K_ROWS["main", "train"]
     assert load_records(str(folder), split="test", subset="socratic") == GSM8K_ROWS["socratic", "test"]
-    with pytest.raises(UserError) as info:
-        load_records(str(folder), subset="mian")
-    assert str(info.value) == (
+    assert user_error(load_records, str(folder), subset="mian") == (
         f"dataset folder {folder} has no subset 'mian'; subsets (subfolders) found: main, "
         "socratic; pick one with dataset_subset"
     )
@@ -337,9 +323,7 @@ def test_shard_names_give_exact_split_names(tmp_path: Path) -> None:
     write_jsonl(tmp_path / ".cache" / "huggingface" / "train_sft.jsonl", [{"prompt": "cache"}])
     assert load_records(str(tmp_path), split="train_sft") == rows["train_sft"]
     assert load_records(str(tmp_path), split="test_sft[:1]") == rows["test_sft"][:1]
-    with pytest.raises(UserError) as info:
-        load_records(str(tmp_path), split="train")
-    assert str(info.value) == (
+    assert user_error(load_records, str(tmp_path), split="train") == (
         f"dataset folder {tmp_path} has no 'train' files; splits found: test_sft, train_gen, "
         "train_sft; pick one with split"
     )
@@ -373,9 +357,7 @@ def test_split_names_a_separator_must_follow(tmp_path: Path) -> None:
 
 def test_subset_on_a_folder_without_subsets(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", ALPACA_RECORDS)
-    with pytest.raises(UserError) as info:
-        load_records(str(tmp_path), subset="main")
-    assert str(info.value) == (
+    assert user_error(load_records, str(tmp_path), subset="main") == (
         f"dataset folder {tmp_path} has no subsets (no configs in a README.md and no subfolders "
         "of data files), asked for dataset_subset=main; unset dataset_subset"
     )
@@ -383,9 +365,7 @@ def test_subset_on_a_folder_without_subsets(tmp_path: Path) -> None:
 
 def test_subset_on_a_single_file_is_a_user_error(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA_RECORDS)
-    with pytest.raises(UserError) as info:
-        load_records(str(path), subset="main")
-    assert str(info.value) == (
+    assert user_error(load_records, str(path), subset="main") == (
         f"dataset_subset=main was given for {path}, a single file; dataset_subset only applies "
         "to Hub datasets and dataset folders with subsets; unset it"
     )
@@ -401,9 +381,7 @@ def test_subset_on_a_saved_dataset_is_a_user_error(tmp_path: Path) -> None:
 
 def test_messages_name_the_split_key(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA_RECORDS)
-    with pytest.raises(UserError) as info:
-        load_records(str(path), split="test", split_key="eval_split")
-    assert str(info.value) == (
+    assert user_error(load_records, str(path), split="test", split_key="eval_split") == (
         f"eval_split 'test' asked of the file {path}, which is a single 'train' split; "
         "use eval_split='train' (optionally sliced, e.g. 'train[:90%]')"
     )
