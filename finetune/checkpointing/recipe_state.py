@@ -2,9 +2,10 @@
 
 The recipe state is one `torch.save`d dict (loaded back with `weights_only=True`) holding:
 `format_version`, `optimizer` (full state dict keyed by parameter name), `lr_scheduler`,
-`step`, `epoch`, `sampler` (position in the data order), `rng` (one entry per rank) and anything
-else the recipe adds. RNG states are plain Python values and tensors so that they too load
-under `weights_only`.
+`global_step`, `epoch`, `steps_done_in_epoch` (the position in this epoch's data order) and
+`rng_states` (one entry per rank); the training loop (`finetune/training/loop.py`) writes and
+reads them. RNG states are plain Python values and tensors so that they too load under
+`weights_only`.
 """
 
 import logging

@@ -1,60 +1,33 @@
 """Full fine-tuning of a Llama-family model, on one CPU or GPU or with FSDP2 across processes
 and nodes (`tune --nproc_per_node N finetune_llm ...`).
 
-Read it top to bottom: `setup` builds the model, tokenizer, data, optimizer, schedule and
-loggers from blocks in `finetune/`; `train` runs the loop with gradient accumulation;
-`save_checkpoint` writes the model in Hugging Face format plus the recipe state that makes a
-resume exact; `cleanup` closes everything. One class, no base class.
+Read it top to bottom: `setup` starts the run, loads the architecture, tokenizer and data, then
+the weights (its own checkpoint's when resuming), and hands the whole model to the training
+loop, every parameter trainable; at each checkpoint the loop asks this recipe for the weights,
+which it writes in Hugging Face format. `train` and `cleanup` are the loop's and the run's.
+One class, no base class.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
-from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
-from finetune.checkpointing.recipe_state import (
-    claim_output_dir,
-    find_resume_checkpoint,
-    gather_rng_states,
-    load_recipe_state,
-    restore_rng_state,
-    rng_state_for_rank,
-    save_recipe_state,
-    seed_everything,
-)
-from finetune.checkpointing.model_configs import resolve_model_args
-from finetune.checkpointing.writers import hf_output_extras
-from finetune.tokenizers.loader import load_tokenizer_for_model
+from finetune.checkpointing import save_hf_checkpoint
+from finetune.checkpointing.recipe_state import find_resume_checkpoint
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
-from finetune.params import FullFinetuneParams, resolve_path
+from finetune.params import FullFinetuneParams
 from finetune.recipes import run_recipe
-from finetune.tokenizers.loader import resolve_tokenizer_path
-from finetune.training.data_setup import build_data, build_eval_data, steps_per_epoch
-from finetune.training.distributed import (
-    barrier, destroy_distributed, init_distributed, resolve_device, run_on_rank_zero,
-)
-from finetune.training.fsdp import full_model_state_dict, full_optimizer_state_dict, load_full_optimizer_state_dict
-from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
-from finetune.training.lr_schedule import build_lr_scheduler
-from finetune.training.memory import keep_freed_host_memory, peak_memory_gb
-from finetune.training.metrics import build_metric_loggers
-from finetune.training.model_setup import initial_state_dict, prepare_model
-from finetune.training.monitor import JobMonitor
-from finetune.training.optim import build_optimizer, clip_grad_norm
-from finetune.training.precision import resolve_run_dtype
-from finetune.training.profiler import build_profiler
-from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, evaluate
+from finetune.training.data_setup import build_training_data
+from finetune.training.fsdp import full_model_state_dict
+from finetune.training.loop import TrainingLoop
+from finetune.training.run import ModelSource, RunContext, close_run, load_model_source, start_run
 
 PARAMS_CLASS = FullFinetuneParams
-RECIPE_STATE_FILE = "recipe_state.pt"
 
 
 class FullFinetuneRecipe:
@@ -62,249 +35,51 @@ class FullFinetuneRecipe:
 
     def __init__(self, params: FullFinetuneParams) -> None:
         self.params = params
-        self.output_dir = Path(params.output_dir)
-        self.global_step = 0
-        self.epoch = 0
-        self.steps_done_in_epoch = 0
-        self.last_saved_step: Optional[int] = None
-        self.monitor: Optional[JobMonitor] = None
-
-    # ------------------------------------------------------------------------------------------
-    # Setup
-    # ------------------------------------------------------------------------------------------
+        self.run: Optional[RunContext] = None
+        self.loop: Optional[TrainingLoop] = None
 
     def setup(self) -> None:
         p = self.params
-        p.check()  # a notebook may have changed a field since the params were built
-        self.dist = init_distributed(resolve_device(p.device).type)
-        self.rank_zero = self.dist.rank == 0
-        self.device = resolve_device(p.device, self.dist.local_rank)
-        if self.device.type == "cpu":
-            keep_freed_host_memory()
-        self.dtype = resolve_run_dtype(p.dtype, self.device)
-        seed_everything(p.seed, self.dist.rank)
-        claim_output_dir(self.output_dir, resume=p.resume_from_checkpoint)
-        self.monitor = JobMonitor(self.output_dir, rank=self.dist.rank, heartbeat_interval_s=p.heartbeat_interval_s)
-        if self.rank_zero:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.log(str(p))
-
-        resume_dir = find_resume_checkpoint(self.output_dir, self.log) if p.resume_from_checkpoint else None
-        self.model_args = resolve_model_args(p.model, resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
-        self.tokenizer_path = resolve_path(p.tokenizer_path or p.checkpoint_dir)  # type: ignore[arg-type]
-        self.tokenizer = load_tokenizer_for_model(self.tokenizer_path, self.model_args.family, self.model_args.vocab_size)
-        self.train_loader, self.sampler = build_data(
-            p, self.tokenizer, self.dist, source=p.dataset, split=p.split, shuffle=p.shuffle, log=self.log
-        )
-        self.eval_loader = build_eval_data(p, self.tokenizer, self.dist, log=self.log)
+        self.run = start_run(p)
+        resume_dir = find_resume_checkpoint(self.run.output_dir, self.run.log) if p.resume_from_checkpoint else None
+        self.source: ModelSource = load_model_source(p)
+        self.tokenizer = self.source.tokenizer
+        data = build_training_data(p, self.tokenizer, self.run.dist, self.run.log)
         # Weights last: a bad tokenizer or dataset is reported before minutes of loading.
         self.model = self._setup_model(resume_dir)
-        self.steps_per_epoch = steps_per_epoch(p, self.sampler, self.dist.world_size)
-        self.optimizer = build_optimizer(
-            p.optimizer, self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay, device=self.device
+        self.loop = TrainingLoop(
+            self.run, self.model, list(self.model.parameters()), data, pad_id=self.tokenizer.pad_id,
+            gather_weights=lambda: full_model_state_dict(self.model), write_weights=self._write_weights,
+            resume_dir=resume_dir,
         )
-        self.lr_scheduler = build_lr_scheduler(
-            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps, total_steps=self.steps_per_epoch * p.epochs,
-            log=self.log,
-        )
-        if resume_dir is not None:
-            self._load_recipe_state(resume_dir)
-        if self.rank_zero:  # only now: a refused resume leaves the run's params.yaml as it was
-            p.to_yaml(self.output_dir / "params.yaml")
-        self.metric_loggers = build_metric_loggers(p.metric_logger_type, self.output_dir, rank=self.dist.rank)
-        self.log(
-            f"model {p.model}: {num_params(self.model):,} "
-            f"parameters on {self.device} in {self.dtype}; {self.dist.world_size} process(es); "
-            f"{self.steps_per_epoch} steps per epoch"
-        )
+        self.run.log(f"model {p.model}: {num_params(self.model):,} parameters {self.loop.describe()}")
 
     def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
-        p = self.params
-        # A resumed run continues from its own HF-format weights, not the original checkpoint.
-        weights_dir = resume_dir or (resolve_path(p.checkpoint_dir) if p.checkpoint_dir else None)
-        state_dict = run_on_rank_zero(
-            lambda: initial_state_dict(
-                self.model_args, weights_dir=weights_dir, checkpoint_format="hf" if resume_dir else p.checkpoint_format,
-                dtype=self.dtype, seed=p.seed,
-            ),
-            default={},
-        )
-        return prepare_model(
-            self.model_args, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
-            activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,
-            reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload,
-        )
+        assert self.run is not None
+        if resume_dir is not None:  # a resumed run continues from its own weights, not the original ones
+            state_dict = self.run.load_weights(self.source.args, resume_dir, "hf")
+        else:
+            state_dict = self.run.load_weights(self.source.args, self.source.checkpoint_dir, self.params.checkpoint_format)
+        return self.run.prepare_model(self.source.args, state_dict)
 
-    def _load_recipe_state(self, checkpoint: Path) -> None:
-        state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
-        load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if self.rank_zero else {})
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.steps_done_in_epoch = state["steps_done_in_epoch"]
-        self.last_saved_step = self.global_step
-        restore_rng_state(rng_state_for_rank(state["rng_states"], self.dist.rank))
-
-    # ------------------------------------------------------------------------------------------
-    # Training
-    # ------------------------------------------------------------------------------------------
+    def _write_weights(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+        save_hf_checkpoint(state_dict, self.source.args, folder, **self.source.output_extras())
 
     def train(self) -> None:
-        p = self.params
-        assert self.monitor is not None
-        self.monitor.set_state("running")
-        if self.eval_loader is not None and self.global_step == 0:
-            self._log_metrics({"eval_loss": self.evaluate()})
-        progress = tqdm(
-            total=self.steps_per_epoch * p.epochs, initial=self.global_step, disable=not self.rank_zero,
-            desc="train", dynamic_ncols=True,
-        )
-        profiler = build_profiler(
-            p.profile, self.output_dir, wait=p.profile_wait_steps, warmup=1, active=p.profile_active_steps
-        )
-        try:
-            with profiler, StopAtStepBoundary(self.device, self.log) as stop:
-                for self.epoch in range(self.epoch, p.epochs):
-                    self._train_epoch(progress, profiler, stop)
-                    self.steps_done_in_epoch = 0
-                    self.epoch += 1
-                    if self.last_saved_step != self.global_step:
-                        self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.log(f"interrupted at step {self.global_step}: saving a checkpoint before exiting")
-            if self.last_saved_step != self.global_step:
-                self.save_checkpoint()
-            raise
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory_error(self.global_step, self.device) from exc
-        finally:
-            progress.close()
-        evaluated_last_step = bool(p.eval_every_n_steps) and self.global_step % p.eval_every_n_steps == 0
-        if self.eval_loader is not None and not evaluated_last_step:
-            self._log_metrics({"eval_loss": self.evaluate()})
-        self.monitor.finish()
-
-    def _train_epoch(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
-        p = self.params
-        samples_per_step = p.batch_size * p.gradient_accumulation_steps
-        self.sampler.set_epoch(self.epoch, start_index=self.steps_done_in_epoch * samples_per_step)
-        batches = iter(self.train_loader)
-        while self.steps_done_in_epoch < self.steps_per_epoch:
-            started = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
-            metrics = self.train_step(micro_batches)
-            self.global_step += 1
-            self.steps_done_in_epoch += 1
-            metrics["tokens_per_second"] = metrics.pop("tokens") / (time.perf_counter() - started)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-            assert self.monitor is not None
-            self.monitor.update(step=self.global_step, epoch=self.epoch, loss=metrics["loss"])
-            if self.global_step % p.log_every_n_steps == 0:
-                metrics["peak_memory_gb"] = peak_memory_gb(self.device)
-                self._log_metrics(metrics)
-            if self.eval_loader is not None and p.eval_every_n_steps and self.global_step % p.eval_every_n_steps == 0:
-                self._log_metrics({"eval_loss": self.evaluate()})
-            if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
-                self.save_checkpoint()
-            profiler.step()
-            if stop.agreed():
-                raise KeyboardInterrupt
-
-    def train_step(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimizer step over `micro_batches` (gradient accumulation)."""
-        loss = self.accumulate_gradients(micro_batches)
-        check_finite_loss(loss, self.global_step + 1, self._last_checkpoint_dir())
-        grad_norm = clip_grad_norm(self.model.parameters(), self.params.clip_grad_norm or math.inf)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
-        tokens = count_non_pad_tokens(micro_batches, self.tokenizer.pad_id, self.device)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-
-    def accumulate_gradients(self, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
-        """Backpropagate every micro-batch; the loss is normalised by all their trained tokens."""
-        return accumulate_gradients(
-            self.model, micro_batches, device=self.device, world_size=self.dist.world_size,
-            loss_chunks=self.params.loss_chunks, offload_activations=self.params.enable_activation_offloading,
-        )
-
-    def evaluate(self) -> float:
-        """Mean per-token loss on the held-out data."""
-        assert self.eval_loader is not None
-        return evaluate(
-            self.model, self.eval_loader, device=self.device, loss_chunks=self.params.loss_chunks,
-            max_batches=self.params.eval_max_batches,
-        )
-
-    def _hf_output_extras(self) -> dict:
-        source = resolve_path(self.params.checkpoint_dir) if self.params.checkpoint_dir else None
-        return hf_output_extras(source, resolve_tokenizer_path(self.tokenizer_path), self.tokenizer.bos_id,
-                                self.tokenizer.stop_tokens, self.tokenizer.family)
-
-    def _last_checkpoint_dir(self) -> Optional[Path]:
-        return None if self.last_saved_step is None else self.output_dir / f"step_{self.last_saved_step}"
-
-    def _log_metrics(self, metrics: dict[str, float]) -> None:
-        for logger in self.metric_loggers:
-            logger.log(self.global_step, metrics)
-        if "eval_loss" in metrics:
-            self.log(f"step {self.global_step}: eval_loss {metrics['eval_loss']:.4f}")
-
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------
+        assert self.loop is not None
+        self.loop.train()
 
     def save_checkpoint(self) -> None:
         """Write `output_dir/step_<N>/` atomically: HF model, params.yaml, recipe state."""
-        assert self.monitor is not None
-        self.monitor.set_state("checkpointing")
-        # Gathering full state is collective: every rank takes part, rank 0 writes.
-        model_state = full_model_state_dict(self.model)
-        optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
-        rng_states = gather_rng_states(self.dist.world_size)
-        step_dir = self.output_dir / f"step_{self.global_step}"
-        if self.rank_zero:
-            from finetune.checkpointing import save_hf_checkpoint
-
-            with atomic_directory(step_dir) as tmp:
-                save_hf_checkpoint(model_state, self.model_args, tmp, **self._hf_output_extras())
-                self.params.to_yaml(tmp / "params.yaml")
-                save_recipe_state(tmp / RECIPE_STATE_FILE, {
-                    "optimizer": optimizer_state,
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "steps_done_in_epoch": self.steps_done_in_epoch,
-                    "rng_states": rng_states,
-                })
-            if self.params.keep_last_n_checkpoints:
-                prune_checkpoints(self.output_dir, self.params.keep_last_n_checkpoints)
-            self.monitor.checkpoint_saved(step_dir)
-            self.log(f"saved {step_dir}")
-        barrier()
-        self.last_saved_step = self.global_step
-        self.monitor.set_state("running")
-
-    # ------------------------------------------------------------------------------------------
-    # The end
-    # ------------------------------------------------------------------------------------------
+        assert self.loop is not None
+        self.loop.save_checkpoint()
 
     def fail(self, error: BaseException) -> None:
-        if self.monitor is not None:
-            self.monitor.fail(str(error) or type(error).__name__)
+        if self.run is not None:
+            self.run.fail(error)
 
     def cleanup(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
-        for logger in getattr(self, "metric_loggers", []):
-            logger.close()
-        destroy_distributed()
-
-    def log(self, message: str) -> None:
-        if getattr(self, "rank_zero", True):
-            tqdm.write(message, file=sys.stderr)
+        close_run(self.run)
 
 
 def _main(argv: Sequence[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
@@ -14,6 +15,27 @@ from finetune.errors import UserError
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
 from finetune.training.distributed import DistInfo
+
+
+@dataclass
+class TrainingData:
+    """Everything a training loop reads: batches, the sampler that orders them, held-out batches."""
+
+    train_loader: torch.utils.data.DataLoader
+    sampler: ResumableDistributedSampler
+    eval_loader: Optional[torch.utils.data.DataLoader]
+    steps_per_epoch: int
+
+
+def build_training_data(
+    params: FullFinetuneParams, tokenizer: Tokenizer, dist: DistInfo, log: Callable[[str], None]
+) -> TrainingData:
+    """The training and held-out loaders of a run, and how many optimizer steps an epoch takes."""
+    train_loader, sampler = build_data(
+        params, tokenizer, dist, source=params.dataset, split=params.split, shuffle=params.shuffle, log=log
+    )
+    eval_loader = build_eval_data(params, tokenizer, dist, log=log)
+    return TrainingData(train_loader, sampler, eval_loader, steps_per_epoch(params, sampler, dist.world_size))
 
 
 def build_data(

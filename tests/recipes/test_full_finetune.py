@@ -17,6 +17,7 @@ import torch
 from finetune.cli import main
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes.full_finetune import FullFinetuneRecipe
+from finetune.training.loop import TrainingLoop
 from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, train_losses, tensors, tune, wait_for
 
 
@@ -50,7 +51,7 @@ def test_eval_split_holds_out_the_rest_of_the_training_file(tmp_path):
     recipe = FullFinetuneRecipe(params(tmp_path, split="train[:90%]", eval_dataset=TINY["dataset"],
                                        eval_split="train[90%:]", max_seq_len=128))  # no sample is cut
     recipe.setup()
-    train, held_out = recipe.train_loader.dataset, recipe.eval_loader.dataset
+    train, held_out = recipe.loop.train_loader.dataset, recipe.loop.eval_loader.dataset
     records = [line for line in resolve_path(TINY["dataset"]).read_text().splitlines() if line.strip()]
     assert (len(train), len(held_out)) == (round(0.9 * len(records)), len(records) - round(0.9 * len(records)))
     assert held_out[0]["tokens"] != train[0]["tokens"]
@@ -58,14 +59,14 @@ def test_eval_split_holds_out_the_rest_of_the_training_file(tmp_path):
 
 
 def gradients(recipe: FullFinetuneRecipe, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
-    loss = recipe.accumulate_gradients(micro_batches)
+    loss = recipe.loop.accumulate_gradients(micro_batches)
     grads = {name: p.grad.clone() for name, p in recipe.model.named_parameters()}
-    recipe.optimizer.zero_grad(set_to_none=True)
+    recipe.loop.optimizer.zero_grad(set_to_none=True)
     return loss, grads
 
 
 def first_samples(recipe: FullFinetuneRecipe, n: int) -> list[dict]:
-    dataset = recipe.train_loader.dataset
+    dataset = recipe.loop.train_loader.dataset
     # Samples of different lengths, so padding differs between the two batchings.
     return [dataset[i] for i in range(n)]
 
@@ -165,7 +166,7 @@ def test_cleanup_after_a_failed_setup_ends_the_job_status(tmp_path):
     with pytest.raises(UserError, match="missing.jsonl"):
         recipe.setup()
     recipe.cleanup()
-    heartbeat = recipe.monitor._thread
+    heartbeat = recipe.run.monitor._thread
     assert heartbeat is not None and not heartbeat.is_alive()
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"] == "closed before training finished"
@@ -200,13 +201,13 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_
 
 
 def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
-    original = FullFinetuneRecipe.accumulate_gradients
+    original = TrainingLoop.accumulate_gradients
 
     def poisoned(self, micro_batches):
         loss = original(self, micro_batches)
         return math.nan if self.global_step == 2 else loss
 
-    monkeypatch.setattr(FullFinetuneRecipe, "accumulate_gradients", poisoned)
+    monkeypatch.setattr(TrainingLoop, "accumulate_gradients", poisoned)
     out = tmp_path / "out"
     code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=5, save_every_n_steps=2)])
     assert code == 2
@@ -286,6 +287,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert json.loads((out / "status.json").read_text())["last_checkpoint"] == str(saved[0])
 
 
+@pytest.mark.slow
 def test_compile_profile_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     recipe = run_in_process(params(
@@ -303,7 +305,7 @@ def test_out_of_memory_names_the_knobs(tmp_path, monkeypatch, capsys):
     def no_memory(self, micro_batches):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(FullFinetuneRecipe, "accumulate_gradients", no_memory)
+    monkeypatch.setattr(TrainingLoop, "accumulate_gradients", no_memory)
     code = main(["finetune_llm", *as_argv(output_dir=tmp_path / "out", max_steps_per_epoch=2)])
     assert code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]

@@ -69,7 +69,7 @@ def test_only_adapters_train_and_optimizer_state_is_adapter_sized(tmp_path):
             assert torch.equal(param, before[name]), f"frozen {name} changed"
     adapter_elements = sum(before[name].numel() for name in trainable)
     state_elements = sum(
-        t.numel() for s in recipe.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")
+        t.numel() for s in recipe.loop.optimizer.state.values() for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")
     )
     assert state_elements == 2 * adapter_elements
     assert adapter_elements < 0.05 * sum(t.numel() for t in before.values())

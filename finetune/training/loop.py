@@ -1,0 +1,236 @@
+"""The training loop both fine-tuning recipes own: epochs of optimizer steps with gradient
+accumulation, evaluation, metrics, the job monitor, Ctrl-C at a step boundary, checkpoints and
+an exact resume.
+
+A recipe hands it what is particular to it: the model, the parameters that train, and how the
+model is gathered and written into a checkpoint folder. The loop writes everything else of a
+checkpoint (params.yaml and the recipe state) and never builds a model itself.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
+from finetune.checkpointing.recipe_state import (
+    gather_rng_states,
+    load_recipe_state,
+    restore_rng_state,
+    rng_state_for_rank,
+    save_recipe_state,
+)
+from finetune.training.data_setup import TrainingData
+from finetune.training.distributed import barrier
+from finetune.training.fsdp import full_optimizer_state_dict, load_full_optimizer_state_dict
+from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
+from finetune.training.lr_schedule import build_lr_scheduler
+from finetune.training.memory import peak_memory_gb
+from finetune.training.metrics import build_metric_loggers
+from finetune.training.optim import build_optimizer, clip_grad_norm
+from finetune.training.profiler import build_profiler
+from finetune.training.run import RunContext
+from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, evaluate
+
+RECIPE_STATE_FILE = "recipe_state.pt"
+
+Batch = dict[str, torch.Tensor]
+
+
+class TrainingLoop:
+    """Trains `trainable_params` of `model` over `data` and saves `step_<N>/` checkpoints.
+
+    `gather_weights` runs on every rank at a save (gathering is collective) and returns what
+    `write_weights(gathered, folder)` then writes on rank 0 alone.
+    """
+
+    def __init__(
+        self,
+        run: RunContext,
+        model: nn.Module,
+        trainable_params: list[nn.Parameter],
+        data: TrainingData,
+        *,
+        pad_id: int,
+        gather_weights: Callable[[], Any],
+        write_weights: Callable[[Any, Path], None],
+        resume_dir: Optional[Path] = None,
+    ) -> None:
+        p = run.params
+        self.run, self.params, self.model, self.trainable_params = run, p, model, trainable_params
+        self.train_loader, self.sampler, self.eval_loader = data.train_loader, data.sampler, data.eval_loader
+        self.steps_per_epoch = data.steps_per_epoch
+        self.pad_id = pad_id
+        self.gather_weights, self.write_weights = gather_weights, write_weights
+        self.global_step = 0
+        self.epoch = 0
+        self.steps_done_in_epoch = 0
+        self.last_saved_step: Optional[int] = None
+        self.optimizer = build_optimizer(
+            p.optimizer, trainable_params, lr=p.lr, weight_decay=p.weight_decay, device=run.device
+        )
+        self.lr_scheduler = build_lr_scheduler(
+            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps,
+            total_steps=self.steps_per_epoch * p.epochs, log=run.log,
+        )
+        if resume_dir is not None:
+            self._load_recipe_state(resume_dir)
+        if run.rank_zero:  # only now: a refused resume leaves the run's params.yaml as it was
+            p.to_yaml(run.output_dir / "params.yaml")
+        self.metric_loggers = build_metric_loggers(p.metric_logger_type, run.output_dir, rank=run.dist.rank)
+        run.closers += [logger.close for logger in self.metric_loggers]
+
+    def describe(self) -> str:
+        """Where and how long the run trains, for the line a recipe prints after setup."""
+        return (f"on {self.run.device} in {self.run.dtype}; {self.run.dist.world_size} process(es); "
+                f"{self.steps_per_epoch} steps per epoch")
+
+    def _load_recipe_state(self, checkpoint: Path) -> None:
+        state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
+        load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if self.run.rank_zero else {})
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.epoch = state["epoch"]
+        self.steps_done_in_epoch = state["steps_done_in_epoch"]
+        self.last_saved_step = self.global_step
+        restore_rng_state(rng_state_for_rank(state["rng_states"], self.run.dist.rank))
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Every remaining epoch; a checkpoint at each epoch end and on Ctrl-C."""
+        p, run = self.params, self.run
+        run.monitor.set_state("running")
+        if self.eval_loader is not None and self.global_step == 0:
+            self._log_metrics({"eval_loss": self.evaluate()})
+        progress = tqdm(
+            total=self.steps_per_epoch * p.epochs, initial=self.global_step, disable=not run.rank_zero,
+            desc="train", dynamic_ncols=True,
+        )
+        profiler = build_profiler(
+            p.profile, run.output_dir, wait=p.profile_wait_steps, warmup=1, active=p.profile_active_steps
+        )
+        try:
+            with profiler, StopAtStepBoundary(run.device, run.log) as stop:
+                for self.epoch in range(self.epoch, p.epochs):
+                    self._train_epoch(progress, profiler, stop)
+                    self.steps_done_in_epoch = 0
+                    self.epoch += 1
+                    if self.last_saved_step != self.global_step:
+                        self.save_checkpoint()
+        except KeyboardInterrupt:
+            run.log(f"interrupted at step {self.global_step}: saving a checkpoint before exiting")
+            if self.last_saved_step != self.global_step:
+                self.save_checkpoint()
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory_error(self.global_step, run.device) from exc
+        finally:
+            progress.close()
+        evaluated_last_step = bool(p.eval_every_n_steps) and self.global_step % p.eval_every_n_steps == 0
+        if self.eval_loader is not None and not evaluated_last_step:
+            self._log_metrics({"eval_loss": self.evaluate()})
+        run.monitor.finish()
+
+    def _train_epoch(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
+        p = self.params
+        samples_per_step = p.batch_size * p.gradient_accumulation_steps
+        self.sampler.set_epoch(self.epoch, start_index=self.steps_done_in_epoch * samples_per_step)
+        batches = iter(self.train_loader)
+        while self.steps_done_in_epoch < self.steps_per_epoch:
+            started = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(p.gradient_accumulation_steps)]
+            metrics = self.train_step(micro_batches)
+            self.global_step += 1
+            self.steps_done_in_epoch += 1
+            metrics["tokens_per_second"] = metrics.pop("tokens") / (time.perf_counter() - started)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            self.run.monitor.update(step=self.global_step, epoch=self.epoch, loss=metrics["loss"])
+            if self.global_step % p.log_every_n_steps == 0:
+                metrics["peak_memory_gb"] = peak_memory_gb(self.run.device)
+                self._log_metrics(metrics)
+            if self.eval_loader is not None and p.eval_every_n_steps and self.global_step % p.eval_every_n_steps == 0:
+                self._log_metrics({"eval_loss": self.evaluate()})
+            if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
+                self.save_checkpoint()
+            profiler.step()
+            if stop.agreed():
+                raise KeyboardInterrupt
+
+    def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
+        """One optimizer step over `micro_batches` (gradient accumulation)."""
+        loss = self.accumulate_gradients(micro_batches)
+        check_finite_loss(loss, self.global_step + 1, self._last_checkpoint_dir())
+        grad_norm = clip_grad_norm(self.trainable_params, self.params.clip_grad_norm or math.inf)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        tokens = count_non_pad_tokens(micro_batches, self.pad_id, self.run.device)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> float:
+        """Backpropagate every micro-batch; the loss is normalised by all their trained tokens."""
+        return accumulate_gradients(
+            self.model, micro_batches, device=self.run.device, world_size=self.run.dist.world_size,
+            loss_chunks=self.params.loss_chunks, offload_activations=self.params.enable_activation_offloading,
+        )
+
+    def evaluate(self) -> float:
+        """Mean per-token loss on the held-out data."""
+        assert self.eval_loader is not None
+        return evaluate(
+            self.model, self.eval_loader, device=self.run.device, loss_chunks=self.params.loss_chunks,
+            max_batches=self.params.eval_max_batches,
+        )
+
+    def _last_checkpoint_dir(self) -> Optional[Path]:
+        return None if self.last_saved_step is None else self.run.output_dir / f"step_{self.last_saved_step}"
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        for logger in self.metric_loggers:
+            logger.log(self.global_step, metrics)
+        if "eval_loss" in metrics:
+            self.run.log(f"step {self.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        """Write `output_dir/step_<N>/` atomically: the recipe's weights, params.yaml, recipe state."""
+        run = self.run
+        run.monitor.set_state("checkpointing")
+        # Gathering is collective: every rank takes part, rank 0 writes.
+        weights = self.gather_weights()
+        optimizer_state = full_optimizer_state_dict(self.model, self.optimizer)
+        rng_states = gather_rng_states(run.dist.world_size)
+        step_dir = run.output_dir / f"step_{self.global_step}"
+        if run.rank_zero:
+            with atomic_directory(step_dir) as tmp:
+                self.write_weights(weights, tmp)
+                self.params.to_yaml(tmp / "params.yaml")
+                save_recipe_state(tmp / RECIPE_STATE_FILE, {
+                    "optimizer": optimizer_state,
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "global_step": self.global_step,
+                    "epoch": self.epoch,
+                    "steps_done_in_epoch": self.steps_done_in_epoch,
+                    "rng_states": rng_states,
+                })
+            if self.params.keep_last_n_checkpoints:
+                prune_checkpoints(run.output_dir, self.params.keep_last_n_checkpoints)
+            run.monitor.checkpoint_saved(step_dir)
+            run.log(f"saved {step_dir}")
+        barrier()
+        self.last_saved_step = self.global_step
+        run.monitor.set_state("running")

@@ -1,0 +1,144 @@
+"""What a training run sets up before its training loop: the process group, device, dtype and
+seeds, the claimed output folder and the job monitor (`start_run`), the architecture and
+tokenizer it trains with (`load_model_source`), and the model itself from a state dict.
+
+Both fine-tuning recipes call these in the same order; what differs between them (adapters,
+which weights to start from) stays in the recipe and is handed in.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
+from finetune.checkpointing.writers import hf_output_extras
+from finetune.models import ModelArgs, TransformerDecoder
+from finetune.params import FullFinetuneParams, resolve_path
+from finetune.tokenizers import Tokenizer
+from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokenizer_path
+from finetune.training.distributed import (
+    DistInfo,
+    destroy_distributed,
+    init_distributed,
+    resolve_device,
+    run_on_rank_zero,
+)
+from finetune.training.memory import keep_freed_host_memory
+from finetune.training.model_setup import ModuleHook, initial_state_dict, prepare_model
+from finetune.training.monitor import JobMonitor
+from finetune.training.precision import resolve_run_dtype
+
+
+@dataclass
+class RunContext:
+    """Where this process trains and what watches it; made once, first thing in `setup`."""
+
+    params: FullFinetuneParams
+    dist: DistInfo
+    device: torch.device
+    dtype: torch.dtype
+    output_dir: Path
+    monitor: JobMonitor
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def rank_zero(self) -> bool:
+        return self.dist.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.rank_zero:
+            tqdm.write(message, file=sys.stderr)
+
+    def load_weights(
+        self, args: ModelArgs, weights_dir: Optional[Path], checkpoint_format: str
+    ) -> dict[str, torch.Tensor]:
+        """The starting weights in the run's dtype, read (or seeded) by rank 0 only; {} elsewhere."""
+        return run_on_rank_zero(
+            lambda: initial_state_dict(
+                args, weights_dir=weights_dir, checkpoint_format=checkpoint_format, dtype=self.dtype,
+                seed=self.params.seed,
+            ),
+            default={},
+        )
+
+    def prepare_model(
+        self,
+        args: ModelArgs,
+        state_dict: dict[str, torch.Tensor],
+        adapt: Optional[ModuleHook] = None,
+        initialize: Optional[ModuleHook] = None,
+    ) -> TransformerDecoder:
+        """The model on this run's device, with the params' memory features, compiled and sharded."""
+        p = self.params
+        return prepare_model(
+            args, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
+            activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,
+            reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload,
+            adapt=adapt, initialize=initialize,
+        )
+
+    def fail(self, error: BaseException) -> None:
+        self.monitor.fail(str(error) or type(error).__name__)
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+        self.monitor.close()
+
+
+def start_run(params: FullFinetuneParams) -> RunContext:
+    """Join the process group, pick device and dtype, seed, claim output_dir, start the monitor."""
+    params.check()  # a notebook may have changed a field since the params were built
+    dist = init_distributed(resolve_device(params.device).type)
+    device = resolve_device(params.device, dist.local_rank)
+    if device.type == "cpu":
+        keep_freed_host_memory()
+    dtype = resolve_run_dtype(params.dtype, device)
+    seed_everything(params.seed, dist.rank)
+    output_dir = Path(params.output_dir)
+    claim_output_dir(output_dir, resume=params.resume_from_checkpoint)
+    monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
+    run = RunContext(params, dist, device, dtype, output_dir, monitor)
+    if run.rank_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run.log(str(params))
+    return run
+
+
+def close_run(run: Optional[RunContext]) -> None:
+    """End what `start_run` began, also after a setup that failed before or after it."""
+    if run is not None:
+        run.close()
+    destroy_distributed()
+
+
+@dataclass
+class ModelSource:
+    """The architecture and tokenizer a run trains with, and the checkpoint they came from."""
+
+    args: ModelArgs
+    tokenizer: Tokenizer
+    tokenizer_file: Path
+    checkpoint_dir: Optional[Path]
+
+    def output_extras(self) -> dict:
+        """What a written model needs beside its weights to load like its source (tokenizer files,
+        generation settings); the keyword arguments of save_hf_checkpoint."""
+        t = self.tokenizer
+        return hf_output_extras(self.checkpoint_dir, self.tokenizer_file, t.bos_id, t.stop_tokens, t.family)
+
+
+def load_model_source(params: FullFinetuneParams) -> ModelSource:
+    """The model's architecture (from the registry or the checkpoint's config) and its tokenizer."""
+    checkpoint_dir = resolve_path(params.checkpoint_dir) if params.checkpoint_dir else None
+    args = resolve_model_args(params.model, checkpoint_dir, params.checkpoint_format)
+    tokenizer_path = resolve_path(params.tokenizer_path or params.checkpoint_dir)  # type: ignore[arg-type]
+    tokenizer = load_tokenizer_for_model(tokenizer_path, args.family, args.vocab_size)
+    return ModelSource(args, tokenizer, resolve_tokenizer_path(tokenizer_path), checkpoint_dir)
