@@ -117,6 +117,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="OMP/MKL threads for every training process (default: torch's)")
     p.add_argument("--torchtune-python", help="python of a venv with torchtune (benchmarks/setup_torchtune.sh)")
     p.add_argument("--skip-ours", action="store_true", help="only run torchtune")
+    p.add_argument("--baseline-tree", type=Path,
+                   help="also run our recipe from this source tree (an earlier revision's checkout), as 'baseline'")
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a what-if: override one of our recipe's keys (e.g. loss_chunks=1); repeatable")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench")
@@ -182,12 +184,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands: dict[str, list[str]] = {}
     readers: dict[str, Callable[[Path], list[StepLog]]] = {}
     counts: dict[str, StepCounts] = {}
+    envs: dict[str, dict[str, str]] = {}
     if not args.skip_ours:
         lengths = per_step(check_our_dataset(cfg, data, tokenizer), cfg.batch_size, cfg.total_steps)
         recipe = "lora_finetune" if cfg.is_lora else "full_finetune"
         commands["ours"] = [sys.executable, "-m", "finetune.cli", recipe, "--config"]
         readers["ours"] = lambda out: read_our_steps(out / "metrics.jsonl")
         counts["ours"] = StepCounts(non_pad=lengths, logged=lengths)
+    if args.baseline_tree and "ours" in commands:  # the same recipe and data, the other revision's code
+        commands["baseline"], readers["baseline"], counts["baseline"] = commands["ours"], readers["ours"], counts["ours"]
+        envs["baseline"] = {**env, "PYTHONPATH": str(args.baseline_tree.resolve()) + os.pathsep + env["PYTHONPATH"]}
     if args.torchtune_python:
         tt_probe = write_yaml(cell / "torchtune_probe.yaml", torchtune_config(cfg, ckpt, files, tokenizer, data, cell / "probe"))
         tt_lengths, tt_trained = check_torchtune_dataset(cfg, args.torchtune_python, tt_probe, env)
@@ -211,15 +217,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if out.exists():
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             out.mkdir()
-            make = our_config if library == "ours" else (
+            ours = library in ("ours", "baseline")
+            make = our_config if ours else (
                 lambda c, k, t, d, o: torchtune_config(c, k, files, t, d, o))
             config = make(cfg, ckpt, tokenizer, data, out)
-            if library == "ours":
+            if ours:
                 config.update(parse_overrides(args.ours_set))
             config_path = write_yaml(out / "config.yaml", config)
             reader = readers[library]
             result = run_recipe(
-                library, repeat, [*cmd, str(config_path)], env, out / "stdout.log",
+                library, repeat, [*cmd, str(config_path)], envs.get(library, env), out / "stdout.log",
                 lambda reader=reader, out=out: reader(out), cfg, counts[library],
             )
             results.append(result)

@@ -12,7 +12,7 @@ from typing import Sequence
 from bench_cells import RunConfig
 from bench_runs import RunResult, flops_per_token, lora_params, matmul_params, total_params
 
-LIBRARIES = ("ours", "torchtune")
+LIBRARIES = ("ours", "baseline", "torchtune")  # baseline: ours from an earlier revision
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,11 +95,10 @@ def markdown_report(
     lines += ["", "Per run (tokens/s, in run order): " + "; ".join(
         f"{s.library} " + " / ".join(f"{r.tokens_per_second:,.0f}" for r in s.runs) for s in summaries.values()
     )]
-    if "ours" in summaries and "torchtune" in summaries:
-        o, t = summaries["ours"], summaries["torchtune"]
+    for other, o, t in _ratio_pairs(summaries):
         lines += [
             "",
-            f"**ours / torchtune: {o.tokens_per_second / t.tokens_per_second:.2f}x tokens/s "
+            f"**ours / {other}: {o.tokens_per_second / t.tokens_per_second:.2f}x tokens/s "
             f"({o.best_step_tokens_per_second / t.best_step_tokens_per_second:.2f}x on the best steps), "
             f"{o.peak_memory_gb / t.peak_memory_gb:.2f}x peak memory** "
             f"(whole-process peak RSS {o.process_peak_rss_gb / t.process_peak_rss_gb:.2f}x).",
@@ -115,11 +114,17 @@ def print_table(summaries: dict[str, Summary]) -> None:
         print(f"{s.library:<10} {s.tokens_per_second:>10,.0f} {s.step_time_s:>8.3f} {s.best_step_tokens_per_second:>9,.0f} "
               f"{s.peak_memory_gb:>9.3f} "
               f"{s.process_peak_rss_gb:>9.3f} {100 * s.mfu:>6.1f}% {s.first_loss:>8.4f}")
-    if "ours" in summaries and "torchtune" in summaries:
-        o, t = summaries["ours"], summaries["torchtune"]
-        print(f"ours/torchtune: tokens/s {o.tokens_per_second / t.tokens_per_second:.2f}x "
+    for other, o, t in _ratio_pairs(summaries):
+        print(f"ours/{other}: tokens/s {o.tokens_per_second / t.tokens_per_second:.2f}x "
               f"(best steps {o.best_step_tokens_per_second / t.best_step_tokens_per_second:.2f}x), "
               f"peak memory {o.peak_memory_gb / t.peak_memory_gb:.2f}x")
+
+
+def _ratio_pairs(summaries: dict[str, Summary]) -> list[tuple[str, Summary, Summary]]:
+    """(name, ours, that library) for every library measured beside ours."""
+    if "ours" not in summaries:
+        return []
+    return [(name, summaries["ours"], s) for name, s in summaries.items() if name != "ours"]
 
 
 def append_docs(path: Path, section: str) -> None:

@@ -49,12 +49,22 @@ Weights = tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]]]  # a
 
 
 class LoraFinetuneRecipe:
-    """Train low-rank adapters on a frozen (optionally NF4-quantized) base model."""
+    """Train low-rank adapters on a frozen (optionally NF4-quantized) base model: only the
+    adapters have gradients and optimizer state, and only they are saved for a resume."""
 
     def __init__(self, params: LoraFinetuneParams) -> None:
         self.params = params
         self.run: Optional[RunContext] = None
         self.loop: Optional[TrainingLoop] = None
+
+    def _add_adapters(self, model: nn.Module) -> None:
+        p = self.params
+        apply_lora(
+            model, attn_modules=p.lora_attn_modules, mlp=p.apply_lora_to_mlp, output=p.apply_lora_to_output,
+            rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, use_dora=p.use_dora,
+            quantize_base=p.quantize_base,
+        )
+        set_trainable_params(model)
 
     def setup(self) -> None:
         p = self.params
@@ -91,15 +101,6 @@ class LoraFinetuneRecipe:
                 load_adapter_state_dict(model, adapter)
 
         return run.prepare_model(self.source.args, base_state, adapt=self._add_adapters, initialize=initialize)
-
-    def _add_adapters(self, model: nn.Module) -> None:
-        p = self.params
-        apply_lora(
-            model, attn_modules=p.lora_attn_modules, mlp=p.apply_lora_to_mlp, output=p.apply_lora_to_output,
-            rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, use_dora=p.use_dora,
-            quantize_base=p.quantize_base,
-        )
-        set_trainable_params(model)
 
     def train(self) -> None:
         assert self.loop is not None
