@@ -25,6 +25,7 @@ from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_write_text
 from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.quantized import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
@@ -32,7 +33,6 @@ from finetune.models import TransformerDecoder, num_params
 from finetune.models.generation import TextStream, generate
 from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import EvalParams, resolve_path
-from finetune.quantization import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers import Tokenizer
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype

@@ -22,6 +22,7 @@ import torch
 from finetune.checkpointing import load_model
 from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.quantized import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
@@ -31,7 +32,6 @@ from finetune.models import num_params
 from finetune.models.generation import TextStream, generate
 from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import GenerateParams, resolve_path
-from finetune.quantization import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers import Message
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype

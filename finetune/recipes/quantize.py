@@ -19,24 +19,21 @@ import torch
 from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_directory
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.quantized import (
+    is_quantized_checkpoint,
+    read_quantization_record,
+    save_quantized_checkpoint,
+    weights_size,
+)
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
+from finetune.evaluation.perplexity import perplexity
 from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
-from finetune.quantization import (
-    GROUPED_SCHEMES,
-    check_scheme_device,
-    format_bytes,
-    is_quantized_checkpoint,
-    perplexity,
-    quantize_model,
-    read_quantization_record,
-    save_quantized_checkpoint,
-    weights_size,
-)
+from finetune.quantization import GROUPED_SCHEMES, check_scheme_device, quantize_model
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
 from finetune.training.precision import resolve_dtype
@@ -188,6 +185,14 @@ class QuantizeRecipe:
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+
+def format_bytes(n: int) -> str:
+    """A size for people: 812 B, 2.3 MiB, 15.0 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = next((n / 1024**k, u) for k, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k)
+    return f"{size:.1f} {unit}"
 
 
 def _main(argv: Sequence[str]) -> int:

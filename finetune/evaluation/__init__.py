@@ -1,0 +1,1 @@
+"""Measuring a model: perplexity on held-out data."""
