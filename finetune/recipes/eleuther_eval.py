@@ -1,9 +1,9 @@
 """Score a Llama-family model on EleutherAI lm-evaluation-harness tasks.
 
 Read it top to bottom: the recipe checks the task names, loads the checkpoint (plain,
-quantized, or with a LoRA adapter), puts it behind the harness's model interface
-(`finetune.evaluation.harness.HarnessModel`), runs `lm_eval.simple_evaluate`, prints the
-harness's table and writes the results as JSON. lm-eval is optional
+quantized, or with a LoRA adapter) through `finetune.inference`, puts it behind the harness's
+model interface (`finetune.evaluation.harness.HarnessModel`), runs `lm_eval.simple_evaluate`,
+prints the harness's table and writes the results as JSON. lm-eval is optional
 (`pip install "finetune[eval]"`); without it this recipe says so.
 """
 
@@ -17,20 +17,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional, Sequence
 
-from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_write_text
-from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
-from finetune.checkpointing.model_configs import resolve_model_args
-from finetune.checkpointing.quantized import is_quantized_checkpoint, load_quantized_model
-from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.evaluation.harness import HarnessModel
-from finetune.models import TransformerDecoder, num_params
-from finetune.models.lora import apply_lora, load_adapter_state_dict
+from finetune.inference import load_inference_model, prepare_inference
+from finetune.models import num_params
 from finetune.params import EvalParams, resolve_path
-from finetune.training.distributed import resolve_device
-from finetune.training.precision import resolve_dtype
 
 PARAMS_CLASS = EvalParams
 INSTALL_HINT = 'pip install "finetune[eval]"'
@@ -63,20 +56,18 @@ class EleutherEvalRecipe:
         # Task names and the results path are checked before gigabytes of weights are read.
         self.task_manager = self._task_manager()
         self.results_path = results_file(p.output_path) if p.output_path is not None else None
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
-        checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
-        self.model_args = resolve_model_args(p.model, checkpoint_dir, p.checkpoint_format)
-        self.tokenizer = load_tokenizer_for_model(
-            resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir,
-            self.model_args.family, self.model_args.vocab_size,
-        )
-        self.model = self._load_model(checkpoint_dir)
+        inference = prepare_inference(p)
+        self.device, self.dtype = inference.device, inference.dtype
+        self.model_args, self.tokenizer = inference.model_args, inference.tokenizer
+        if inference.quantization is not None:
+            record = inference.quantization
+            self.log(f"quantized checkpoint: {record['scheme']}, computing in {record['dtype']}")
+        self.model = load_inference_model(inference, p.adapter_dir, self.log)
         self.harness_model = HarnessModel(
             self.model, self.tokenizer, batch_size=p.batch_size, max_seq_len=p.max_seq_len, max_gen_toks=p.max_gen_toks
         )
         self.log(
-            f"model from {checkpoint_dir}: {num_params(self.model):,} parameters on {self.device} in "
+            f"model from {inference.checkpoint_dir}: {num_params(self.model):,} parameters on {self.device} in "
             f"{self.model.tok_embeddings.weight.dtype}; scoring with context {self.harness_model.max_seq_len}"
         )
 
@@ -103,29 +94,6 @@ class EleutherEvalRecipe:
                     f"task '{task}' is not an lm-eval task{where}; {hint}list them with `lm-eval list tasks`"
                 )
         return manager
-
-    def _load_model(self, checkpoint_dir: Path) -> TransformerDecoder:
-        p = self.params
-        # The adapter is checked against the architecture before any base weight is read.
-        adapter = (
-            load_peft_adapter(resolve_path(p.adapter_dir), self.model_args, base_dir=checkpoint_dir)
-            if p.adapter_dir else None
-        )
-        if is_quantized_checkpoint(checkpoint_dir):
-            model, record = load_quantized_model(checkpoint_dir, device=self.device, args=self.model_args)
-            self.log(f"quantized checkpoint: {record['scheme']}, computing in {record['dtype']}")
-        else:
-            model, _ = load_model(
-                checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
-            )
-        if adapter is not None:
-            weights, config = adapter
-            dtype = model.tok_embeddings.weight.dtype
-            settings = apply_lora_settings(config, weights)  # from the tensors: target_modules may be a pattern
-            apply_lora(model, **settings)
-            load_adapter_state_dict(model, {k: v.to(self.device, dtype) for k, v in weights.items()}, strict=False)
-            self.log(f"adapter {p.adapter_dir}: LoRA rank {config['r']} on {describe_adapted(settings)}")
-        return model.eval()
 
     # ------------------------------------------------------------------------------------------
     # Evaluation
