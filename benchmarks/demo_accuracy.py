@@ -31,7 +31,7 @@ from finetune.data import get_template
 from finetune.models import TransformerDecoder, model_args
 from finetune.models.generation import TextStream, generate
 from finetune.params import resolve_path
-from finetune.quantization import is_quantized_checkpoint, load_quantized_model
+from finetune.checkpointing.quantized import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers import Tokenizer, load_tokenizer
 from finetune.training.model_setup import initial_state_dict
 

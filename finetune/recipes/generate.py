@@ -2,9 +2,10 @@
 
 Read it top to bottom: `setup` reads the architecture, the tokenizer and the prompts (so a bad
 prompt fails before gigabytes of weights are read), then loads the checkpoint in any supported
-format and an optional PEFT LoRA adapter on top. `generate` runs batched, KV-cached decoding
-from `finetune.models.generation`, streams the text of a lone prompt as it is produced, stops
-each response at a stop token or stop string, and reports tokens/s and time to first token.
+format and an optional PEFT LoRA adapter on top (both steps from `finetune.inference`).
+`generate` runs batched, KV-cached decoding from `finetune.models.generation`, streams the text
+of a lone prompt as it is produced, stops each response at a stop token or stop string, and
+reports tokens/s and time to first token.
 """
 
 from __future__ import annotations
@@ -17,24 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-import torch
-
-from finetune.checkpointing import load_model
-from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
-from finetune.checkpointing.model_configs import resolve_model_args
-from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
 from finetune.data.sources import read_file
 from finetune.errors import UserError
+from finetune.inference import load_inference_model, prepare_inference
 from finetune.models import num_params
 from finetune.models.generation import TextStream, generate
-from finetune.models.lora import apply_lora, load_adapter_state_dict
 from finetune.params import GenerateParams, resolve_path
-from finetune.quantization import is_quantized_checkpoint, load_quantized_model
 from finetune.tokenizers import Message
-from finetune.training.distributed import resolve_device
-from finetune.training.precision import resolve_dtype
 
 PARAMS_CLASS = GenerateParams
 
@@ -68,14 +60,8 @@ class GenerateRecipe:
     def setup(self) -> None:
         p = self.params
         p.check()  # a notebook may have changed a field since the params were built
-        self.device = resolve_device(p.device)
-        self.dtype = resolve_dtype(self._dtype_name(), self.device)
-        checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
-        self.model_args = resolve_model_args(p.model, checkpoint_dir, p.checkpoint_format)
-        self.tokenizer = load_tokenizer_for_model(
-            resolve_path(p.tokenizer_path) if p.tokenizer_path else checkpoint_dir,
-            self.model_args.family, self.model_args.vocab_size,
-        )
+        inference = prepare_inference(p)  # no weights yet: those are read once the prompts are checked
+        self.device, self.model_args, self.tokenizer = inference.device, inference.model_args, inference.tokenizer
         self.template = None if p.chat or p.template == "none" else get_template(p.template)
         if p.temperature == 0 and (p.top_k is not None or p.top_p is not None):
             self.log("note: top_k and top_p shape sampling, which needs temperature > 0; at temperature=0 "
@@ -90,41 +76,14 @@ class GenerateRecipe:
             self.output_path = self._check_output_file(Path(p.output_file))
             self.output = self._open_output(self._partial(self.output_path))
 
-        # The adapter is checked against the architecture before any base weight is read.
-        adapter = (
-            load_peft_adapter(resolve_path(p.adapter_dir), self.model_args, base_dir=checkpoint_dir)
-            if p.adapter_dir else None
-        )
-        if is_quantized_checkpoint(checkpoint_dir):
-            # A quantized model computes in the dtype it was quantized in.
-            self.model, _ = load_quantized_model(checkpoint_dir, device=self.device, args=self.model_args)
-            self.dtype = self.model.tok_embeddings.weight.dtype
-        else:
-            self.model, _ = load_model(
-                checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
-            )
-        if adapter is not None:
-            self._apply_adapter(*adapter)
-        self.model.eval()
+        self.model = load_inference_model(inference, p.adapter_dir, self.log)
+        self.dtype = self.model.tok_embeddings.weight.dtype  # a quantized checkpoint keeps its own
         args = self.model_args
         self.log(
-            f"model from {checkpoint_dir}: {num_params(self.model):,} parameters ({args.n_layers} layers, dim {args.dim}) "
-            f"on {self.device} in {self.dtype}; context {args.max_seq_len} tokens"
+            f"model from {inference.checkpoint_dir}: {num_params(self.model):,} parameters "
+            f"({args.n_layers} layers, dim {args.dim}) on {self.device} in {self.dtype}; "
+            f"context {args.max_seq_len} tokens"
         )
-
-    def _dtype_name(self) -> str:
-        if self.params.dtype != "auto":
-            return self.params.dtype
-        # bf16 matmuls are emulated and many times slower on CPUs.
-        return "bf16" if self.device.type == "cuda" else "fp32"
-
-    def _apply_adapter(self, adapter: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        """Wrap the adapted linears in LoRA modules holding the adapter's weights (kept unmerged,
-        so the base weights stay exactly as loaded)."""
-        settings = apply_lora_settings(config, adapter)  # from the tensors: target_modules may be a pattern
-        apply_lora(self.model, **settings)
-        load_adapter_state_dict(self.model, {k: v.to(self.device, self.dtype) for k, v in adapter.items()}, strict=False)
-        self.log(f"adapter {self.params.adapter_dir}: LoRA rank {config['r']} on {describe_adapted(settings)}")
 
     def _describe_format(self) -> str:
         if self.params.chat:

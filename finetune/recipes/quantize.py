@@ -19,27 +19,24 @@ import torch
 from finetune.checkpointing import load_model
 from finetune.checkpointing.atomic import atomic_directory
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.quantized import (
+    is_quantized_checkpoint,
+    read_quantization_record,
+    save_quantized_checkpoint,
+    weights_size,
+)
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.cli import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
+from finetune.evaluation.perplexity import perplexity
+from finetune.inference import resolve_inference_dtype, tokenizer_location
 from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
-from finetune.quantization import (
-    GROUPED_SCHEMES,
-    check_scheme_device,
-    format_bytes,
-    is_quantized_checkpoint,
-    perplexity,
-    quantize_model,
-    read_quantization_record,
-    save_quantized_checkpoint,
-    weights_size,
-)
+from finetune.quantization import GROUPED_SCHEMES, check_scheme_device, quantize_model
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
-from finetune.training.precision import resolve_dtype
 
 PARAMS_CLASS = QuantizeParams
 
@@ -58,8 +55,7 @@ class QuantizeRecipe:
         p = self.params
         p.check()  # a notebook may have changed a field since the params were built
         self.device = resolve_device(p.device)
-        # bf16 matmuls are emulated and many times slower on CPUs.
-        self.dtype = resolve_dtype(p.dtype if p.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32"), self.device)
+        self.dtype = resolve_inference_dtype(p.dtype, self.device)
         self.checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
         if is_quantized_checkpoint(self.checkpoint_dir):
             scheme = read_quantization_record(self.checkpoint_dir)["scheme"]
@@ -70,7 +66,7 @@ class QuantizeRecipe:
         self.output_dir = resolve_path(p.output_dir)
         self._check_output_dir()
         self.model_args = resolve_model_args(self.params.model, self.checkpoint_dir, self.params.checkpoint_format)
-        self.tokenizer_file = resolve_tokenizer_path(resolve_path(p.tokenizer_path) if p.tokenizer_path else self.checkpoint_dir)
+        self.tokenizer_file = resolve_tokenizer_path(tokenizer_location(p.tokenizer_path, self.checkpoint_dir))
         self.tokenizer = load_tokenizer_for_model(
             self.tokenizer_file, self.model_args.family, self.model_args.vocab_size
         )
@@ -188,6 +184,14 @@ class QuantizeRecipe:
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+
+def format_bytes(n: int) -> str:
+    """A size for people: 812 B, 2.3 MiB, 15.0 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = next((n / 1024**k, u) for k, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if n >= 1024**k)
+    return f"{size:.1f} {unit}"
 
 
 def _main(argv: Sequence[str]) -> int:

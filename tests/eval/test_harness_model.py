@@ -7,7 +7,7 @@ pytest.importorskip("lm_eval")  # the eval extra; CI installs it
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from finetune.models.generation import generate
-from finetune.recipes.eleuther_eval import HarnessModel
+from finetune.evaluation.harness import HarnessModel
 
 
 def request(kind: str, *args) -> Instance:

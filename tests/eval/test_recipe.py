@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from finetune.quantization import quantize_model, save_quantized_checkpoint
-from finetune.recipes.eleuther_eval import HarnessModel
+from finetune.checkpointing.quantized import save_quantized_checkpoint
+from finetune.evaluation.harness import HarnessModel
+from finetune.quantization import quantize_model
 pytest.importorskip("lm_eval")  # the eval extra; CI installs it
 from lm_eval.api.instance import Instance  # noqa: E402
 from tests.cli_helpers import error_line, run  # noqa: E402

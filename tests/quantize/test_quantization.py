@@ -8,20 +8,19 @@ import torch
 
 from finetune import ao
 from finetune.checkpointing import load_model
-from finetune.data import build_dataset
-from finetune.models import ModelArgs, build_model
-from finetune.models.generation import generate
-from finetune.quantization import (
+from finetune.checkpointing.quantized import (
     WEIGHTS_FILE,
-    gptq_int4_weight,
     load_quantized_model,
     pack_int4,
-    perplexity,
-    quantize_model,
     save_quantized_checkpoint,
     unpack_int4,
     weights_size,
 )
+from finetune.data import build_dataset
+from finetune.evaluation.perplexity import perplexity
+from finetune.models import ModelArgs, build_model
+from finetune.models.generation import generate
+from finetune.quantization import gptq_int4_weight, quantize_model
 from tests.quantize.conftest import ARGS, TRAIN, heldout_samples
 
 # How far held-out perplexity may rise, and why. Rounding a weight to a grid of step s adds

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tests.cli_helpers import error_line, run
-from finetune.quantization import load_quantized_model, weights_size
+from finetune.checkpointing.quantized import load_quantized_model, weights_size
 
 
 def quantize_args(trained_dir, out, *extra: str) -> list[str]:
