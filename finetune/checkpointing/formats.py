@@ -10,6 +10,7 @@ from finetune.errors import UserError
 PathLike = Union[str, os.PathLike]
 
 FORMATS = ("hf", "meta")
+CHECKPOINT_FORMATS = ("auto", *FORMATS)  # what a config's checkpoint_format may say
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -80,8 +81,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def check_format_name(checkpoint_format: str) -> str:
-    if checkpoint_format not in ("auto",) + FORMATS:
-        raise UserError(f"checkpoint_format {checkpoint_format!r} is unknown; use 'auto', 'hf' or 'meta'")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        *first, last = map(repr, CHECKPOINT_FORMATS)
+        raise UserError(f"checkpoint_format {checkpoint_format!r} is unknown; use {', '.join(first)} or {last}")
     return checkpoint_format
 
 

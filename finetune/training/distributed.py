@@ -16,6 +16,9 @@ from finetune.errors import UserError
 
 T = TypeVar("T")
 
+# What a config's `device` may say; "auto" is cuda when a GPU is there (see resolve_device).
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -166,7 +169,7 @@ def destroy_distributed() -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Map a config's device name ("auto", "cpu", "cuda") to this rank's torch.device."""
+    """Map a config's device name (one of DEVICES) to this rank's torch.device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -184,4 +187,4 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    raise UserError(f"unknown device {name!r}; use one of: auto, cpu, cuda")
+    raise UserError(f"unknown device {name!r}; use one of: {', '.join(DEVICES)}")
