@@ -21,8 +21,13 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from finetune.checkpointing.formats import CHECKPOINT_FORMATS
+from finetune.config.coercion import describe_type, matches_type
+from finetune.config.parser import TuneArgumentParser
 from finetune.data.dataset import DatasetType
+from finetune.data.sources import FILE_SUFFIXES
+from finetune.data.templates import get_template
 from finetune.errors import UserError
+from finetune.models import MODEL_NAMES
 from finetune.models.lora import ATTN_MODULES
 from finetune.training.distributed import DEVICES
 from finetune.training.lr_schedule import SCHEDULES
@@ -89,46 +94,13 @@ def _check_field_types(params: Any) -> None:
             )
 
 
-def matches_type(value: Any, tp: Any) -> bool:
-    """True when `value` is an instance of the (simple) annotation `tp`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin is typing.Union:
-        return any(matches_type(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if origin is list:
-        return isinstance(value, list) and all(matches_type(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            matches_type(k, args[0]) and matches_type(v, args[1]) for k, v in value.items()
-        )
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+# Fields naming local files or folders a run reads, which `tune validate` looks for.
+_PATH_KEYS = ("checkpoint_dir", "tokenizer_path", "adapter_dir", "dataset", "eval_dataset", "calibration_dataset",
+              "prompt_file")
 
 
-def describe_type(tp: Any) -> str:
-    """A short human name for an annotation: `int`, `one of a|b`, `list of str`, `... or none`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        text = " or ".join(describe_type(a) for a in inner)
-        return f"{text} or none" if type(None) in args else text
-    if origin is Literal:
-        return "one of " + "|".join(map(str, args))
-    if origin is list:
-        return f"list of {describe_type(args[0])}"
-    if origin is dict:
-        return f"mapping of {describe_type(args[0])} to {describe_type(args[1])}"
-    return getattr(tp, "__name__", str(tp))
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 class ParamsIO:
@@ -146,10 +118,33 @@ class ParamsIO:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()):  # noqa: ANN206
-        from finetune.cli import TuneArgumentParser
-
         argv = ["--config", str(path), *overrides]
         return TuneArgumentParser(cls).parse_args(argv)
+
+    @classmethod
+    def hint_for_unknown_key(cls, key: str) -> str:
+        """What TuneArgumentParser adds when `key` is not ours: a LoRA setting names the LoRA recipe."""
+        if key in _field_names(LoraFinetuneParams) - _field_names(cls):
+            return "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed"
+        return ""
+
+    def check_before_run(self) -> list[str]:
+        """What `tune validate` checks beyond construction. An unknown instruct template raises; local
+        paths a run would read but this machine lacks come back as notes (configs may be validated
+        away from the machine that runs them, so these do not fail validation)."""
+        if getattr(self, "dataset_type", None) == "instruct":
+            get_template(self.template)  # type: ignore[attr-defined]
+        notes = []
+        for key in _PATH_KEYS:
+            value = getattr(self, key, None)
+            if not isinstance(value, str) or not value:
+                continue
+            # A dataset without a file suffix or a path prefix may be a Hub name.
+            local = ("dataset" not in key or value.startswith((PACKAGE_PREFIX, ".", "/", "~"))
+                     or Path(value).suffix.lower() in FILE_SUFFIXES)
+            if local and not resolve_path(value).exists():
+                notes.append(f"note: {key}={value} does not exist on this machine")
+        return notes
 
     def __str__(self) -> str:
         width = max(len(f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
@@ -239,8 +234,6 @@ class FullFinetuneParams(ParamsIO):
         self._validate_common()
 
     def _validate_common(self) -> None:
-        from finetune.models import MODEL_NAMES
-
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(
             self.model != "auto" or self.checkpoint_dir is not None,
@@ -342,9 +335,6 @@ class GenerateParams(ParamsIO):
     output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl (replaced when all are done)")
 
     def __post_init__(self) -> None:
-        from finetune.data.templates import get_template
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
@@ -407,9 +397,6 @@ class QuantizeParams(ParamsIO):
     output_dir: str = param("output/quantized", "where the quantized checkpoint directory is written")
 
     def __post_init__(self) -> None:
-        from finetune.data.templates import get_template
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
@@ -457,8 +444,6 @@ class EvalParams(ParamsIO):
     output_path: Optional[str] = param(None, "also write the harness's results to this .json file, or results.json in this folder/")
 
     def __post_init__(self) -> None:
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")

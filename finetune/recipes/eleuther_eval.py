@@ -26,7 +26,7 @@ from finetune.checkpointing.atomic import atomic_write_text
 from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.models import TransformerDecoder, num_params
 from finetune.models.generation import TextStream, generate

@@ -32,7 +32,7 @@ from finetune.checkpointing.recipe_state import (
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes import run_recipe

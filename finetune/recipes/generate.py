@@ -23,7 +23,7 @@ from finetune.checkpointing import load_model
 from finetune.checkpointing.peft import apply_lora_settings, describe_adapted, load_peft_adapter
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
 from finetune.data.sources import read_file
 from finetune.errors import UserError

@@ -37,7 +37,7 @@ from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.checkpointing.peft import MERGED_DIR
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, num_params
 from finetune.models.lora import (

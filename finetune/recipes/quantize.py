@@ -21,7 +21,7 @@ from finetune.checkpointing.atomic import atomic_directory
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
 from finetune.models import num_params

@@ -7,7 +7,7 @@ plain single process: every helper here then does nothing, so recipes call them 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,50 +110,6 @@ def run_on_rank_zero(load: Callable[[], T], default: T) -> T:
     if error is not None:
         raise UserError(error)
     return result
-
-
-# torchrun's rendezvous store lives in the launcher, not in a worker, so it outlasts a worker that
-# stopped on an input error; workers use it to print that error once and to stay quiet after it.
-# The store outlives a restart of the workers (torchrun --max_restarts), so each attempt has its key.
-def _user_error_key() -> str:
-    return f"finetune/user_error/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-def _launcher_store() -> Optional[dist.Store]:
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    try:
-        return dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10)
-        )
-    except (KeyError, ValueError, RuntimeError):
-        return None
-
-
-def first_to_report_user_error() -> bool:
-    """Record that this process stops on an input error; True for the first such process on
-    its node, which prints it (every rank usually hits the same error). Outside torchrun:
-    local rank 0 prints."""
-    store = _launcher_store()
-    if store is None:
-        return os.environ.get("LOCAL_RANK", "0") == "0"
-    try:
-        store.add(_user_error_key(), 1)
-        return store.add(f"{_user_error_key()}/node{os.environ.get('GROUP_RANK', '0')}", 1) == 1
-    except RuntimeError:
-        return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-def peer_stopped_on_user_error() -> bool:
-    """Whether another worker of this torchrun job stopped on an input error (and reported it):
-    a collective failing in this process afterwards is a consequence, not a second problem."""
-    store = _launcher_store()
-    if store is None:
-        return False
-    try:
-        return store.check([_user_error_key()])
-    except RuntimeError:
-        return False
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
