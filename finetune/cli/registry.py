@@ -63,7 +63,12 @@ def module_constants(path: Path) -> tuple[set[str], tuple[str, ...]]:
     """(the names a module defines at its top level, its ALIASES), read without importing it."""
     defined: set[str] = set()
     aliases: tuple[str, ...] = ()
-    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    except SyntaxError:
+        # Still a recipe by its name, so `tune <name>` imports it and shows where the file is broken.
+        return {"main", "PARAMS_CLASS"}, ()
+    for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             defined.add(node.name)
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []

@@ -22,9 +22,11 @@ def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
     (tmp_path / "helpers.py").write_text("def main(argv): return 0\n")  # no PARAMS_CLASS: a helper, not a recipe
     (tmp_path / "dummy.py").write_text("PARAMS_CLASS = object\nmain = print\n")
     (tmp_path / "_private.py").write_text("PARAMS_CLASS = object\nmain = print\n")
+    (tmp_path / "broken.py").write_text("def main(argv)\n")  # listed, so running it shows the SyntaxError
     found = discover_recipes(tmp_path, "mypkg")
     assert [(e.name, e.module, e.aliases) for e in found] == [
         ("dummy", "mypkg.dummy", ()),  # seed recipes come first, in their order
+        ("broken", "mypkg.broken", ()),
         ("dpo", "mypkg.dpo", ("dpo_single_device",)),
     ]
 
