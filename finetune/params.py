@@ -20,7 +20,21 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from finetune.checkpointing.formats import CHECKPOINT_FORMATS
+from finetune.config.coercion import describe_type, matches_type
+from finetune.config.parser import TuneArgumentParser
+from finetune.data.dataset import DatasetType
+from finetune.data.sources import FILE_SUFFIXES
+from finetune.data.templates import get_template
 from finetune.errors import UserError
+from finetune.models import MODEL_NAMES
+from finetune.models.lora import ATTN_MODULES
+from finetune.quantization import GROUP_SIZES, SCHEMES
+from finetune.training.distributed import DEVICES
+from finetune.training.lr_schedule import SCHEDULES
+from finetune.training.metrics import LOGGERS
+from finetune.training.optim import OPTIMIZERS
+from finetune.training.precision import DTYPES
 
 # Paths starting with this prefix point inside the installed package (the demo data and
 # tokenizer ship there), so configs work from any working directory.
@@ -81,46 +95,13 @@ def _check_field_types(params: Any) -> None:
             )
 
 
-def matches_type(value: Any, tp: Any) -> bool:
-    """True when `value` is an instance of the (simple) annotation `tp`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return True
-    if origin is typing.Union:
-        return any(matches_type(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if origin is Literal:
-        return value in args
-    if origin is list:
-        return isinstance(value, list) and all(matches_type(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            matches_type(k, args[0]) and matches_type(v, args[1]) for k, v in value.items()
-        )
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
+# Fields naming local files or folders a run reads, which `tune validate` looks for.
+_PATH_KEYS = ("checkpoint_dir", "tokenizer_path", "adapter_dir", "dataset", "eval_dataset", "calibration_dataset",
+              "prompt_file")
 
 
-def describe_type(tp: Any) -> str:
-    """A short human name for an annotation: `int`, `one of a|b`, `list of str`, `... or none`."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:
-        inner = [a for a in args if a is not type(None)]
-        text = " or ".join(describe_type(a) for a in inner)
-        return f"{text} or none" if type(None) in args else text
-    if origin is Literal:
-        return "one of " + "|".join(map(str, args))
-    if origin is list:
-        return f"list of {describe_type(args[0])}"
-    if origin is dict:
-        return f"mapping of {describe_type(args[0])} to {describe_type(args[1])}"
-    return getattr(tp, "__name__", str(tp))
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 class ParamsIO:
@@ -138,10 +119,33 @@ class ParamsIO:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()):  # noqa: ANN206
-        from finetune.cli import TuneArgumentParser
-
         argv = ["--config", str(path), *overrides]
         return TuneArgumentParser(cls).parse_args(argv)
+
+    @classmethod
+    def hint_for_unknown_key(cls, key: str) -> str:
+        """What TuneArgumentParser adds when `key` is not ours: a LoRA setting names the LoRA recipe."""
+        if key in _field_names(LoraFinetuneParams) - _field_names(cls):
+            return "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed"
+        return ""
+
+    def check_before_run(self) -> list[str]:
+        """What `tune validate` checks beyond construction. An unknown instruct template raises; local
+        paths a run would read but this machine lacks come back as notes (configs may be validated
+        away from the machine that runs them, so these do not fail validation)."""
+        if getattr(self, "dataset_type", None) == "instruct":
+            get_template(self.template)  # type: ignore[attr-defined]
+        notes = []
+        for key in _PATH_KEYS:
+            value = getattr(self, key, None)
+            if not isinstance(value, str) or not value:
+                continue
+            # A dataset without a file suffix or a path prefix may be a Hub name.
+            local = ("dataset" not in key or value.startswith((PACKAGE_PREFIX, ".", "/", "~"))
+                     or Path(value).suffix.lower() in FILE_SUFFIXES)
+            if local and not resolve_path(value).exists():
+                notes.append(f"note: {key}={value} does not exist on this machine")
+        return notes
 
     def __str__(self) -> str:
         width = max(len(f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
@@ -152,7 +156,16 @@ class ParamsIO:
 
 
 MODEL_HELP = "model: a registry name (e.g. llama3_1_8b, tiny) or auto to read it from the checkpoint"
-OptimizerName = Literal["adamw", "adam", "sgd", "adamw8bit", "adamw4bit"]
+
+# Each choice list is defined once, beside the code that acts on it; the Literal types of the
+# fields are built from those lists, so `--help`, the parser and the checks here read the same one.
+CheckpointFormat = Literal[CHECKPOINT_FORMATS]  # type: ignore[valid-type]
+Device = Literal[DEVICES]  # type: ignore[valid-type]
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+LrScheduler = Literal[SCHEDULES]  # type: ignore[valid-type]
+MetricLoggerType = Literal[LOGGERS]  # type: ignore[valid-type]
+OptimizerName = Literal[OPTIMIZERS]  # type: ignore[valid-type]
+LoraModule = Literal[ATTN_MODULES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -162,11 +175,11 @@ class FullFinetuneParams(ParamsIO):
     # Model and files
     model: str = param("tiny", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights; none = random init")
-    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
     tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     # Data
     dataset: str = param("pkg:data/demo/train.jsonl", "local file or folder, or a HF dataset name")
-    dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how records are read")
+    dataset_type: DatasetType = param("instruct", "how records are read")
     template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
     column_map: Optional[dict[str, str]] = param(None, "expected column -> your column, e.g. {output: answer}")
     dataset_subset: Optional[str] = param(
@@ -191,12 +204,12 @@ class FullFinetuneParams(ParamsIO):
     optimizer: OptimizerName = param("adamw", "optimizer")
     lr: float = param(2e-5, "peak learning rate")
     weight_decay: float = param(0.01, "decoupled weight decay")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = param("cosine", "schedule after warmup")
+    lr_scheduler: LrScheduler = param("cosine", "schedule after warmup")
     warmup_steps: int = param(0, "linear warmup steps")
     clip_grad_norm: Optional[float] = param(1.0, "clip gradients to this global norm; none = off")
     # Hardware and memory
-    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
-    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Device = param("auto", "auto = cuda when available")
+    dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     enable_activation_checkpointing: bool = param(False, "recompute each layer in backward")
     enable_activation_offloading: bool = param(False, "keep saved activations in CPU memory")
     cpu_offload: bool = param(False, "FSDP: keep parameters, grads and optimizer state on CPU")
@@ -211,7 +224,7 @@ class FullFinetuneParams(ParamsIO):
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also each epoch end)")
     keep_last_n_checkpoints: Optional[int] = param(None, "delete older checkpoints; none = keep all")
     log_every_n_steps: int = param(1, "write metrics every N steps")
-    metric_logger_type: Literal["jsonl", "tensorboard", "wandb"] = param("jsonl", "metrics.jsonl always; plus tensorboard or wandb")
+    metric_logger_type: MetricLoggerType = param("jsonl", "metrics.jsonl always; plus tensorboard or wandb")
     profile: bool = param(False, "write a torch.profiler trace to output_dir/profile")
     profile_wait_steps: int = param(1, "profiler: steps to skip first")
     profile_active_steps: int = param(2, "profiler: steps to record")
@@ -222,8 +235,6 @@ class FullFinetuneParams(ParamsIO):
         self._validate_common()
 
     def _validate_common(self) -> None:
-        from finetune.models import MODEL_NAMES
-
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(
             self.model != "auto" or self.checkpoint_dir is not None,
@@ -259,9 +270,6 @@ class FullFinetuneParams(ParamsIO):
             "eval_every_n_steps is set but eval_dataset is not; set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
-
-
-LoraModule = Literal["q_proj", "k_proj", "v_proj", "output_proj"]
 
 
 @dataclass
@@ -305,7 +313,7 @@ class GenerateParams(ParamsIO):
     # Model and files
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
-    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
     tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Prompts
@@ -322,15 +330,12 @@ class GenerateParams(ParamsIO):
     seed: Optional[int] = param(42, "sampling seed: same seed, same text; none = different every run")
     stop_strings: list[str] = param([], "also stop a response where one of these strings appears")
     # Hardware and output
-    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
-    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Device = param("auto", "auto = cuda when available")
+    dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     batch_size: int = param(8, "prompts generated together (left-padded); 1 prompt streams its text")
     output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl (replaced when all are done)")
 
     def __post_init__(self) -> None:
-        from finetune.data.templates import get_template
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
@@ -357,8 +362,7 @@ class GenerateParams(ParamsIO):
         _require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")
 
 
-QuantizeScheme = Literal["int8_weight_only", "int8_dynamic", "int4_weight_only", "gptq_int4"]
-GROUP_SIZES = (32, 64, 128, 256)
+QuantizeScheme = Literal[SCHEMES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -368,7 +372,7 @@ class QuantizeParams(ParamsIO):
     # Model and files
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
-    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
     tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     # Scheme
     scheme: QuantizeScheme = param(
@@ -380,20 +384,17 @@ class QuantizeParams(ParamsIO):
     calibration_samples: int = param(128, "gptq_int4: samples drawn from calibration_dataset")
     eval_dataset: Optional[str] = param("pkg:data/demo/heldout.jsonl", "held-out data for perplexity before and after; none = skip")
     eval_max_samples: Optional[int] = param(None, "perplexity on at most this many samples; none = all")
-    dataset_type: Literal["instruct", "chat", "text"] = param("instruct", "how calibration and eval records are read")
+    dataset_type: DatasetType = param("instruct", "how calibration and eval records are read")
     template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
     max_seq_len: int = param(512, "calibration and eval samples are truncated to this many tokens")
     batch_size: int = param(8, "samples per batch when measuring perplexity")
     seed: int = param(42, "which calibration samples are drawn")
     # Hardware and output
-    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
-    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Device = param("auto", "auto = cuda when available")
+    dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     output_dir: str = param("output/quantized", "where the quantized checkpoint directory is written")
 
     def __post_init__(self) -> None:
-        from finetune.data.templates import get_template
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
@@ -424,7 +425,7 @@ class EvalParams(ParamsIO):
     # Model and files
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights, or a quantized one (required)")
-    checkpoint_format: Literal["auto", "hf", "meta"] = param("auto", "format of checkpoint_dir")
+    checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
     tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Tasks
@@ -436,13 +437,11 @@ class EvalParams(ParamsIO):
     # Hardware and output
     batch_size: int = param(8, "requests scored or generated together")
     max_seq_len: Optional[int] = param(None, "longest context the model sees; none = the model's, at most 4096")
-    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto = cuda when available")
-    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: Device = param("auto", "auto = cuda when available")
+    dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     output_path: Optional[str] = param(None, "also write the harness's results to this .json file, or results.json in this folder/")
 
     def __post_init__(self) -> None:
-        from finetune.models import MODEL_NAMES
-
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
         _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")

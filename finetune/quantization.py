@@ -17,10 +17,10 @@ from tqdm import tqdm
 from finetune import ao
 from finetune.errors import UserError
 from finetune.models import TransformerDecoder
-from finetune.params import GROUP_SIZES
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only", "gptq_int4")
 GROUPED_SCHEMES = ("int4_weight_only", "gptq_int4")
+GROUP_SIZES = (32, 64, 128, 256)  # input weights sharing one scale in the int4 schemes
 
 Log = Callable[[str], None]
 

@@ -7,11 +7,16 @@ from finetune.checkpointing.model_configs import read_model_args
 from finetune.checkpointing.peft import load_peft_adapter, save_peft_adapter  # noqa: F401 (public)
 from finetune.checkpointing.writers import save_hf_checkpoint, save_meta_checkpoint
 
+# The architecture a checkpoint describes; reading it is checkpoint work, so it lives here and not in
+# finetune.models (which the checkpointing modules build on).
+model_args_from_checkpoint = read_model_args
+
 __all__ = [
     "detect_format",
     "hf_module_name",
     "load_model",
     "load_state_dict",
+    "model_args_from_checkpoint",
     "our_module_name",
     "read_model_args",
     "save_hf_checkpoint",

@@ -1,14 +1,16 @@
 """Which checkpoint format a directory holds, and which of its files carry the weights."""
 
+import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from finetune.errors import UserError
 
 PathLike = Union[str, os.PathLike]
 
 FORMATS = ("hf", "meta")
+CHECKPOINT_FORMATS = ("auto", *FORMATS)  # what a config's checkpoint_format may say
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -62,15 +64,30 @@ def detect_format(checkpoint_dir: PathLike) -> str:
     )
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON object file (config, params, weight index), or one UserError line saying what is wrong."""
+    if not path.is_file():
+        raise UserError(f"{path} not found; the checkpoint directory needs it to describe the model")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix or re-download it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; fix or re-download it") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(values).__name__}; fix or re-download it")
+    return values
+
+
 def check_format_name(checkpoint_format: str) -> str:
-    if checkpoint_format not in ("auto",) + FORMATS:
-        raise UserError(f"checkpoint_format {checkpoint_format!r} is unknown; use 'auto', 'hf' or 'meta'")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        *first, last = map(repr, CHECKPOINT_FORMATS)
+        raise UserError(f"checkpoint_format {checkpoint_format!r} is unknown; use {', '.join(first)} or {last}")
     return checkpoint_format
 
 
 def _files_from_index(directory: Path, index_name: str) -> list[Path]:
-    from finetune.checkpointing.model_configs import read_json
-
     index_path = directory / index_name
     index = read_json(index_path)
     weight_map = index.get("weight_map")

@@ -24,6 +24,7 @@ from finetune.checkpointing.key_mapping import (
     to_hf_name,
     to_meta_name,
 )
+from finetune.checkpointing.model_configs import read_model_args
 from finetune.checkpointing.readers import HFReader, MetaReader, TensorEntry
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, model_args
@@ -127,8 +128,6 @@ def _resolve_args(directory: Path, model: Union[str, ModelArgs], checkpoint_form
     if isinstance(model, ModelArgs):
         return model
     if model == "auto":
-        from finetune.checkpointing.model_configs import read_model_args
-
         return read_model_args(directory, checkpoint_format)
     return model_args(model)
 

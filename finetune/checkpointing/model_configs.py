@@ -1,14 +1,16 @@
 """Architecture files: Hugging Face `config.json` and Meta `params.json` <-> `ModelArgs`."""
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 
+from finetune.checkpointing.formats import detect_format, read_json
+from finetune.checkpointing.readers import inspect_meta_weights
 from finetune.errors import UserError
+from finetune.models import model_args
 from finetune.models.args import ModelArgs, RopeScaling, infer_family, meta_ffn_params, meta_hidden_dim
 
 PathLike = Union[str, os.PathLike]
@@ -17,21 +19,6 @@ HF_CONFIG = "config.json"
 META_PARAMS = "params.json"
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} not found; the checkpoint directory needs it to describe the model")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix or re-download it") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; fix or re-download it") from None
-    if not isinstance(values, dict):
-        raise UserError(f"{path} must hold a JSON object, found {type(values).__name__}; fix or re-download it")
-    return values
 
 
 def _require(values: dict[str, Any], key: str, path: Path) -> Any:
@@ -244,10 +231,6 @@ def meta_params_from_model_args(args: ModelArgs) -> dict[str, Any]:
 
 def read_model_args(checkpoint_dir: PathLike, checkpoint_format: str = "auto") -> ModelArgs:
     """Architecture of the checkpoint in `checkpoint_dir` (config.json or params.json)."""
-    # Imported here: the format modules import this one for config handling.
-    from finetune.checkpointing.formats import detect_format
-    from finetune.checkpointing.readers import inspect_meta_weights
-
     directory = Path(checkpoint_dir)
     fmt = detect_format(directory) if checkpoint_format == "auto" else checkpoint_format
     if fmt == "hf":
@@ -265,8 +248,6 @@ def read_model_args(checkpoint_dir: PathLike, checkpoint_format: str = "auto") -
 
 def resolve_model_args(model: str, checkpoint_dir: Optional[PathLike], checkpoint_format: str = "auto") -> ModelArgs:
     """The architecture of a run: a registry name, or "auto" = read from the checkpoint's config."""
-    from finetune.models import model_args
-
     if model == "auto":
         if checkpoint_dir is None:
             raise UserError("model=auto reads the architecture from the checkpoint, so set checkpoint_dir")

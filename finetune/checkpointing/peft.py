@@ -19,6 +19,7 @@ from finetune.checkpointing.loader import expected_shapes
 from finetune.checkpointing.safetensors_io import load_safetensors, save_safetensors
 from finetune.errors import UserError
 from finetune.models import ModelArgs
+from finetune.models.lora import ATTN_MODULES
 
 PathLike = Union[str, os.PathLike]
 
@@ -284,7 +285,7 @@ def apply_lora_settings(
             raise UserError(f"adapter target_modules has {', '.join(map(repr, unknown))}, which are not Llama linear layers; use a Llama adapter")
         ours = {_TARGETS_FROM_HF[name] for name in targets}
     return dict(
-        attn_modules=[name for name in ("q_proj", "k_proj", "v_proj", "output_proj") if name in ours],
+        attn_modules=[name for name in ATTN_MODULES if name in ours],
         mlp=bool(ours & {"w1", "w2", "w3"}),
         output="output" in ours,
         rank=config["r"],

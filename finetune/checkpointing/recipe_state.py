@@ -16,7 +16,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import yaml
 
+from finetune.checkpointing.atomic import latest_checkpoint, list_checkpoints
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,6 @@ def claim_output_dir(output_dir: Path | str, resume: bool) -> None:
     A fresh run there would mix its metrics with the old ones, prune the old run's checkpoints
     (or its own, by step number), and a later resume would pick whichever step is highest.
     """
-    from finetune.checkpointing.atomic import list_checkpoints
-
     root = Path(output_dir)
     if root.exists() and not root.is_dir():
         raise UserError(f"output_dir {root} is a file, not a directory; choose another output_dir")
@@ -158,8 +158,6 @@ def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], l
     A LoRA run's checkpoint holds an adapter and a full run's a model: each resumes only under
     its own recipe.
     """
-    from finetune.checkpointing.atomic import latest_checkpoint
-
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
@@ -177,8 +175,6 @@ def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], l
 def check_resume_settings(checkpoint: Path, params: Any, keys: Sequence[str]) -> None:
     """Refuse settings that changed since `checkpoint` was saved and would change what resumes
     (an adapter's scale, say): a resumed run continues the same run."""
-    import yaml
-
     saved_file = checkpoint / "params.yaml"
     if not saved_file.is_file():
         return
@@ -200,8 +196,5 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     seed = seed + rank
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    try:
-        import numpy as np
-    except ImportError:
-        return
-    np.random.seed(seed % 2**32)
+    if np is not None:
+        np.random.seed(seed % 2**32)

@@ -266,6 +266,7 @@ def _allow_csv_fields_of(size: int) -> None:
 
 
 def _read_parquet(path: Path) -> Records:
+    # pyarrow comes with the optional `datasets` extra and is slow to import: only parquet files need it.
     import pyarrow
     import pyarrow.parquet as pq
 
@@ -306,7 +307,7 @@ def _refuse_subset(subset: Optional[str], what: str) -> None:
 
 def _import_datasets() -> Any:
     try:
-        import datasets
+        import datasets  # optional extra, slow to import: only Hub datasets and dataset folders need it
     except ImportError:
         raise UserError(
             f"reading Hugging Face datasets needs the 'datasets' package; run {_HF_EXTRA}"

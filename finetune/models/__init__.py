@@ -1,6 +1,5 @@
 """Llama-family models: the decoder, its architecture arguments and the named-model registry."""
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -18,7 +17,6 @@ __all__ = [
     "TransformerDecoder",
     "build_model",
     "model_args",
-    "model_args_from_checkpoint",
     "num_params",
 ]
 
@@ -50,14 +48,6 @@ def build_model(
         model.reset_parameters()
     model.init_rope(device)  # rotary frequencies stay fp32 whatever the weights' dtype
     return model
-
-
-def model_args_from_checkpoint(checkpoint_dir: Union[str, os.PathLike]) -> ModelArgs:
-    """Read the architecture from a checkpoint's config.json (Hugging Face) or params.json (Meta)."""
-    # Imported here because the checkpointing package itself builds on this one.
-    from finetune.checkpointing.model_configs import read_model_args
-
-    return read_model_args(checkpoint_dir)
 
 
 def num_params(model: nn.Module, trainable_only: bool = False) -> int:

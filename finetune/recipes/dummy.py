@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.params import FullFinetuneParams
 
 PARAMS_CLASS = FullFinetuneParams

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any, Optional, Sequence
 
 from finetune.checkpointing.atomic import atomic_write_text
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.evaluation.harness import HarnessModel
 from finetune.inference import load_inference_model, prepare_inference

@@ -18,7 +18,7 @@ import torch
 
 from finetune.checkpointing import save_hf_checkpoint
 from finetune.checkpointing.recipe_state import find_resume_checkpoint
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams
 from finetune.recipes import run_recipe

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
 from finetune.data.sources import read_file
 from finetune.errors import UserError

@@ -21,7 +21,7 @@ from torch import nn
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.peft import MERGED_DIR
 from finetune.checkpointing.recipe_state import check_resume_settings, find_resume_checkpoint
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, num_params
 from finetune.models.lora import (

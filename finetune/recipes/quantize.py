@@ -27,7 +27,7 @@ from finetune.checkpointing.quantized import (
 )
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.cli import TuneArgumentParser, recipe_entry_point
+from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
 from finetune.evaluation.perplexity import perplexity

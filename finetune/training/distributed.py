@@ -7,7 +7,7 @@ plain single process: every helper here then does nothing, so recipes call them 
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,9 @@ import torch.distributed as dist
 from finetune.errors import UserError
 
 T = TypeVar("T")
+
+# What a config's `device` may say; "auto" is cuda when a GPU is there (see resolve_device).
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -109,50 +112,6 @@ def run_on_rank_zero(load: Callable[[], T], default: T) -> T:
     return result
 
 
-# torchrun's rendezvous store lives in the launcher, not in a worker, so it outlasts a worker that
-# stopped on an input error; workers use it to print that error once and to stay quiet after it.
-# The store outlives a restart of the workers (torchrun --max_restarts), so each attempt has its key.
-def _user_error_key() -> str:
-    return f"finetune/user_error/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-def _launcher_store() -> Optional[dist.Store]:
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    try:
-        return dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10)
-        )
-    except (KeyError, ValueError, RuntimeError):
-        return None
-
-
-def first_to_report_user_error() -> bool:
-    """Record that this process stops on an input error; True for the first such process on
-    its node, which prints it (every rank usually hits the same error). Outside torchrun:
-    local rank 0 prints."""
-    store = _launcher_store()
-    if store is None:
-        return os.environ.get("LOCAL_RANK", "0") == "0"
-    try:
-        store.add(_user_error_key(), 1)
-        return store.add(f"{_user_error_key()}/node{os.environ.get('GROUP_RANK', '0')}", 1) == 1
-    except RuntimeError:
-        return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-def peer_stopped_on_user_error() -> bool:
-    """Whether another worker of this torchrun job stopped on an input error (and reported it):
-    a collective failing in this process afterwards is a consequence, not a second problem."""
-    store = _launcher_store()
-    if store is None:
-        return False
-    try:
-        return store.check([_user_error_key()])
-    except RuntimeError:
-        return False
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place across ranks and return it (unchanged in a single process)."""
     if is_distributed():
@@ -166,7 +125,7 @@ def destroy_distributed() -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """Map a config's device name ("auto", "cpu", "cuda") to this rank's torch.device."""
+    """Map a config's device name (one of DEVICES) to this rank's torch.device."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -184,4 +143,4 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
-    raise UserError(f"unknown device {name!r}; use one of: auto, cpu, cuda")
+    raise UserError(f"unknown device {name!r}; use one of: {', '.join(DEVICES)}")

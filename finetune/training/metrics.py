@@ -34,6 +34,7 @@ class JsonlLogger:
 
 class TensorBoardLogger:
     def __init__(self, output_dir: Path | str, subdir: str = "tensorboard") -> None:
+        # tensorboard is optional and slow to import: only metric_logger_type=tensorboard needs it.
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(output_dir) / subdir
@@ -53,7 +54,7 @@ class WandbLogger:
         self, output_dir: Path | str, *, project: str = "finetune", config: Optional[dict[str, Any]] = None
     ) -> None:
         try:
-            import wandb
+            import wandb  # optional: only metric_logger_type=wandb needs it
         except ImportError:
             raise UserError(
                 "metric_logger_type=wandb needs the wandb package, which is not installed; "

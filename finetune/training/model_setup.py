@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from finetune.checkpointing import load_state_dict
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.models.lora import nf4_base_modules
@@ -36,8 +37,6 @@ def initial_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Full base weights on CPU: read from `weights_dir`, or a seeded random init when None."""
     if weights_dir is not None:
-        from finetune.checkpointing import load_state_dict
-
         return load_state_dict(weights_dir, args, checkpoint_format=checkpoint_format, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

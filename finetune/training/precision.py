@@ -15,6 +15,9 @@ import torch
 
 from finetune.errors import UserError
 
+# What a config's `dtype` may say; "auto" is bf16 on a GPU and fp32 on a CPU (see resolve_run_dtype).
+DTYPES = ("auto", "fp32", "bf16")
+
 _NAMES = {
     "fp32": torch.float32,
     "float32": torch.float32,

@@ -6,10 +6,16 @@ import os
 import pytest
 import torch
 
-from finetune.checkpointing import load_model, load_state_dict, save_hf_checkpoint, save_meta_checkpoint
+from finetune.checkpointing import (
+    load_model,
+    load_state_dict,
+    model_args_from_checkpoint,
+    save_hf_checkpoint,
+    save_meta_checkpoint,
+)
 from finetune.checkpointing.safetensors_io import load_safetensors, save_safetensors
 from finetune.errors import UserError
-from finetune.models import ModelArgs, build_model, model_args_from_checkpoint
+from finetune.models import ModelArgs, build_model
 
 
 class PickledPayload:

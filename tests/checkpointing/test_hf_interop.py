@@ -142,7 +142,7 @@ def test_save_in_bf16_and_load_back_as_fp32(tmp_path):
 
 
 def test_legacy_transformers4_config_is_read(tmp_path, make_hf_model):
-    from finetune.models import model_args_from_checkpoint
+    from finetune.checkpointing import model_args_from_checkpoint
 
     make_hf_model("llama3_scaled").save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -117,7 +117,7 @@ def test_llama2_params_without_vocab_take_it_from_weights(tmp_path):
 
     state = load_state_dict(tmp_path, _small_args(n_kv_heads=2))
     assert torch.equal(state["tok_embeddings.weight"], model.tok_embeddings.weight)
-    from finetune.models import model_args_from_checkpoint
+    from finetune.checkpointing import model_args_from_checkpoint
 
     args = model_args_from_checkpoint(tmp_path)
     assert (args.vocab_size, args.n_kv_heads, args.max_seq_len, args.family) == (96, 4, 4096, "llama2")

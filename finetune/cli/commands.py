@@ -1,0 +1,100 @@
+"""`tune` subcommands: `ls` (recipes and their configs), `cp` (copy one out to edit) and
+`validate` (check a config and print the params it resolves to)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+from finetune.cli.registry import available_recipes, config_header, configs_for, find_recipe, load_recipe_module
+from finetune.cli.torchrun import launcher_flag
+from finetune.config import CONFIG_DIR, TuneArgumentParser, read_config, resolve_config_path
+from finetune.errors import UserError
+
+
+def cmd_ls() -> int:
+    rows = [("RECIPE", "ALIASES", "CONFIGS")]
+    for entry in available_recipes():
+        rows.append((entry.name, ", ".join(entry.aliases) or "-", ", ".join(configs_for(entry)) or "-"))
+    name_width = max(len(r[0]) for r in rows) + 2
+    alias_width = max(len(r[1]) for r in rows) + 2
+    for name, aliases, configs in rows:
+        print(f"{name:<{name_width}}{aliases:<{alias_width}}{configs}")
+    return 0
+
+
+def cmd_cp(argv: Sequence[str]) -> int:
+    if len(argv) != 2:
+        raise UserError("tune cp takes a recipe or config name and a destination: tune cp tiny_full my.yaml")
+    name, dest = argv
+    config_path = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if config_path.is_file():
+        source = config_path
+    else:
+        try:
+            source = find_recipe(name.removesuffix(".py")).path
+        except UserError:
+            raise UserError(f"'{name}' is neither a config nor a recipe; run `tune ls` to see both") from None
+    target = Path(dest)
+    if target.is_dir() or dest.endswith(("/", os.sep)):
+        target = target / source.name
+    if target.exists():
+        raise UserError(f"{target} already exists; choose another destination or delete it first")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    print(f"copied {source} to {target}")
+    return 0
+
+
+def recipe_for_config(argv: Sequence[str]) -> str:
+    """The recipe a config is for: as its `# recipe:` line says, or by its keys for a file of the user's."""
+    positional = [a for a in argv if "=" not in a and not a.startswith("-")]
+    config = launcher_flag(argv, "--config") or (positional[0] if positional else None)
+    if config is None:
+        return "full_finetune"
+    try:
+        path = resolve_config_path(config)
+        named = config_header(path).recipes
+        if named:
+            return named[0]
+        keys = set(read_config(path))
+    except (UserError, OSError):
+        return "full_finetune"  # the parser reports what is wrong with the file
+    full, lora = params_class_for("full_finetune"), params_class_for("lora_finetune")
+    assert full is not None and lora is not None
+    lora_only = {f.name for f in dataclasses.fields(lora)} - {f.name for f in dataclasses.fields(full)}
+    return "lora_finetune" if keys & lora_only else "full_finetune"
+
+
+def cmd_validate(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    if "--recipe" in argv:
+        i = argv.index("--recipe")
+        if i + 1 >= len(argv):
+            raise UserError("--recipe needs a recipe name")
+        recipe = argv[i + 1]
+        del argv[i : i + 2]
+    else:
+        recipe = recipe_for_config(argv)
+    params_cls = params_class_for(recipe)
+    if params_cls is None:
+        raise UserError(f"recipe '{recipe}' declares no PARAMS_CLASS, so it cannot be validated")
+    params = TuneArgumentParser(params_cls, prog=f"tune validate --recipe {recipe}").parse_args(argv)
+    # Params classes say what a run would read; a user's own PARAMS_CLASS may not.
+    check_before_run = getattr(params, "check_before_run", None)
+    notes = check_before_run() if check_before_run is not None else []
+    print(params)
+    for note in notes:
+        print(note)
+    print("config is valid")
+    return 0
+
+
+def params_class_for(recipe: str) -> Optional[type]:
+    """The Params dataclass a recipe reads; a user's recipe file may declare PARAMS_CLASS."""
+    if recipe.endswith(".py"):
+        return getattr(load_recipe_module(recipe), "PARAMS_CLASS", None)
+    return find_recipe(recipe).params_class()

@@ -1,0 +1,109 @@
+"""`TuneArgumentParser`: `--config X [--override k=v ...] [k=v ...]` into a validated Params dataclass.
+
+Precedence is CLI override > config file > dataclass default. It works for any dataclass whose
+fields carry `help` (and optionally `hint`) metadata; a Params class may also offer
+`hint_for_unknown_key(key)` to point at the recipe a stray key belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from typing import Any, Optional, Sequence
+
+from finetune.config.coercion import coerce, describe_type
+from finetune.config.files import read_config, resolve_config_path
+from finetune.errors import UserError
+
+# What transformers, TRL and PEFT call some of our settings: (our key, why it differs).
+FOREIGN_KEYS = {
+    "do_sample": ("temperature", "sampling is on when temperature > 0"),
+    "learning_rate": ("lr", ""),
+    "num_train_epochs": ("epochs", ""),
+    "per_device_train_batch_size": ("batch_size", ""),
+    "gradient_checkpointing": ("enable_activation_checkpointing", ""),
+    "max_length": ("max_seq_len", ""),
+    "lora_r": ("lora_rank", ""),
+    "r": ("lora_rank", ""),
+    "model_name_or_path": ("checkpoint_dir", "a local folder"),
+}
+
+
+class TuneArgumentParser:
+    """Parse `--config X [--override k=v ...] [k=v ...]` into a validated Params dataclass."""
+
+    def __init__(self, params_cls: type, prog: Optional[str] = None, description: Optional[str] = None):
+        self.params_cls = params_cls
+        self.fields = {f.name: f for f in dataclasses.fields(params_cls)}
+        self.types = typing.get_type_hints(params_cls)
+        self.parser = argparse.ArgumentParser(
+            prog=prog,
+            description=description or (params_cls.__doc__ or "").strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=self.fields_help(),
+        )
+        self.parser.add_argument("--config", help="config name from configs/ or a path to a YAML file")
+        self.parser.add_argument(
+            "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+            help="set fields; bare KEY=VALUE arguments work too (CLI > config > defaults)",
+        )
+        self.parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
+
+    def fields_help(self) -> str:
+        lines = ["fields (KEY=VALUE):"]
+        for name, f in self.fields.items():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {name}: {describe_type(self.types[name])} = {default!r}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+        return "\n".join(lines)
+
+    def parse_args(self, argv: Optional[Sequence[str]] = None) -> Any:
+        # Intermixed: KEY=VALUE may come before and after --config, as users type them.
+        args = self.parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+        if not args.config and args.assignments and "=" not in args.assignments[0]:
+            args.config, args.assignments = args.assignments[0], args.assignments[1:]  # `tune validate my.yaml`
+        values: dict[str, Any] = {}
+        if args.config:
+            path = resolve_config_path(args.config)
+            for key, value in read_config(path).items():
+                self._check_key(str(key), f"in {path}")
+                values[key] = self._coerce(key, value, f"in {path}")
+        for assignment in [*args.override, *args.assignments]:
+            key, value = self._split(assignment)
+            self._check_key(key, "on the command line")
+            values[key] = self._coerce(key, value, "on the command line")
+        try:
+            return self.params_cls(**values)
+        except UserError:
+            raise
+        except TypeError as exc:  # a missing required field
+            raise UserError(f"{exc}; set it in the config or with KEY=VALUE") from None
+
+    def _coerce(self, key: str, value: Any, source: str) -> Any:
+        return coerce(key, value, self.types[key], source, self.fields[key].metadata.get("hint", ""))
+
+    def _split(self, assignment: str) -> tuple[str, str]:
+        if "=" not in assignment:
+            raise UserError(f"'{assignment}' is not KEY=VALUE; write it as key=value (e.g. lr=1e-4)")
+        key, value = assignment.split("=", 1)
+        return key.strip(), value
+
+    def _check_key(self, key: str, where: str) -> None:
+        if key in self.fields:
+            return
+        # torchtune nests settings (optimizer.lr, checkpointer.output_dir); ours are flat.
+        leaf = key.rsplit(".", 1)[-1]
+        close = [leaf] if leaf in self.fields else difflib.get_close_matches(leaf, list(self.fields), n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        ours, why = FOREIGN_KEYS.get(leaf, ("", ""))
+        if ours in self.fields:
+            hint = f"did you mean '{ours}'?{f' ({why})' if why else ''} "
+        # The Params class knows its siblings: a key of another recipe's params says which recipe to run.
+        hint_for_unknown_key = getattr(self.params_cls, "hint_for_unknown_key", None)
+        elsewhere = hint_for_unknown_key(leaf) if hint_for_unknown_key is not None else ""
+        if elsewhere:
+            hint = f"{elsewhere}; "
+        raise UserError(f"unknown key '{key}' {where}; {hint}run with --help to list every key")
