@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
-from finetune.cli.registry import available_recipes, config_header, configs_for, find_recipe, load_recipe_module
+from finetune.cli.registry import available_recipes, config_recipes, configs_for, find_recipe, load_recipe_module
 from finetune.cli.torchrun import launcher_flag
 from finetune.config import CONFIG_DIR, TuneArgumentParser, read_config, resolve_config_path
 from finetune.errors import UserError
@@ -57,7 +57,7 @@ def recipe_for_config(argv: Sequence[str]) -> str:
         return "full_finetune"
     try:
         path = resolve_config_path(config)
-        named = config_header(path).recipes
+        named = config_recipes(path)
         if named:
             return named[0]
         keys = set(read_config(path))

@@ -2,8 +2,8 @@
 
 A recipe is a module `finetune/recipes/<name>.py` that defines `main` and `PARAMS_CLASS` (and, if it
 wants more names, `ALIASES = ("other_name", ...)`). A shipped config says which recipe(s) it is for
-in its first line, `# recipe: <name>[, <name>]`, optionally with its place in `tune ls`, e.g.
-`# recipe: lora_finetune (2nd in tune ls)`. Adding either is adding the file; no list to edit.
+in its first line, `# recipe: <name>[, <name>]`, and is listed under them by name. Adding either is
+adding the file; no list to edit.
 
 Recipe modules are read with `ast`, not imported, to list them: importing one loads torch and the
 rest of the library, which would make `tune ls` and `tune --help` take seconds.
@@ -28,20 +28,12 @@ from finetune.errors import UserError
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES_PACKAGE = "finetune.recipes"
 
-# The recipes the product first shipped, in the order `tune ls` lists them, with the seed names
-# DESIGN.md keeps resolving. A new recipe needs no line here: it is listed after these, by name,
-# and declares any further names as ALIASES in its own module.
-SEED_RECIPES: dict[str, tuple[str, ...]] = {
-    "full_finetune": ("finetune_llm", "full_finetune_single_device", "full_finetune_distributed"),
-    "lora_finetune": ("lora_finetune_single_device", "lora_finetune_distributed"),
-    "generate": ("alpaca_generate",),
-    "quantize": (),
-    "eleuther_eval": (),
-    "dummy": (),
-}
+# `tune ls` lists these first, in the order a newcomer meets them (train, try, shrink, score, test
+# the launcher); any other recipe follows by name. Only the order: a recipe needs no line here.
+LISTED_FIRST = ("full_finetune", "lora_finetune", "generate", "quantize", "eleuther_eval", "dummy")
 
-# `# recipe: full_finetune, dummy (1st in tune ls)`: the recipes a config is for, and where it is listed.
-_RECIPE_LINE = re.compile(r"#\s*recipe:\s*(?P<names>[\w, ]+?)\s*(?:\((?P<place>\d+)(?:st|nd|rd|th) in tune ls\))?\s*")
+# `# recipe: full_finetune, dummy`: the recipes a config is for.
+_RECIPE_LINE = re.compile(r"#\s*recipe:\s*(?P<names>[\w, ]+?)\s*")
 
 
 @dataclass(frozen=True)
@@ -81,17 +73,15 @@ def module_constants(path: Path) -> tuple[set[str], tuple[str, ...]]:
 
 
 def discover_recipes(directory: Path = RECIPES_DIR, package: str = RECIPES_PACKAGE) -> list[RecipeEntry]:
-    """Every recipe module in `directory`: the seed recipes first, in their order, then the rest by name."""
+    """Every recipe module in `directory`: those in LISTED_FIRST in that order, then the rest by name."""
     found = {}
     for path in sorted(directory.glob("*.py")):
         defined, aliases = module_constants(path)
         if path.stem.startswith("_") or not {"main", "PARAMS_CLASS"} <= defined:
             continue
-        seed = SEED_RECIPES.get(path.stem, ())
-        found[path.stem] = RecipeEntry(path.stem, f"{package}.{path.stem}", path,
-                                       (*seed, *(a for a in aliases if a not in seed)))
-    seeds = [found.pop(name) for name in SEED_RECIPES if name in found]
-    return [*seeds, *found.values()]
+        found[path.stem] = RecipeEntry(path.stem, f"{package}.{path.stem}", path, aliases)
+    first = [found.pop(name) for name in LISTED_FIRST if name in found]
+    return [*first, *found.values()]
 
 
 @lru_cache(maxsize=1)
@@ -127,14 +117,8 @@ def load_recipe_module(name_or_path: str) -> ModuleType:
     return find_recipe(name_or_path).load()
 
 
-@dataclass(frozen=True)
-class ConfigHeader:
-    recipes: tuple[str, ...]  # as the config's `# recipe:` line names them
-    place: Optional[int]  # its place in `tune ls`; None: after the placed ones, by name
-
-
-def config_header(path: Path) -> ConfigHeader:
-    """The `# recipe:` line among a config's opening comment lines (none: a config of no recipe)."""
+def config_recipes(path: Path) -> tuple[str, ...]:
+    """The recipes named by the `# recipe:` line among a config's opening comment lines (none: no recipe's)."""
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -142,19 +126,13 @@ def config_header(path: Path) -> ConfigHeader:
                     break
                 match = _RECIPE_LINE.fullmatch(line.rstrip("\n"))
                 if match:
-                    names = tuple(n.strip() for n in match["names"].split(",") if n.strip())
-                    return ConfigHeader(names, int(match["place"]) if match["place"] else None)
+                    return tuple(n.strip() for n in match["names"].split(",") if n.strip())
     except (OSError, UnicodeDecodeError):
         pass  # not a readable config: it is for no recipe (the parser says what is wrong if it is used)
-    return ConfigHeader((), None)
+    return ()
 
 
 def configs_for(entry: RecipeEntry, config_dir: Optional[Path] = None) -> list[str]:
-    """Names of the configs in `config_dir` whose `# recipe:` line names `entry` (or one of its aliases)."""
+    """Names of the configs in `config_dir` whose `# recipe:` line names `entry` (or an alias), by name."""
     names = {entry.name, *entry.aliases}
-    placed = []
-    for path in sorted((config_dir or CONFIG_DIR).glob("*.yaml")):
-        header = config_header(path)
-        if names & set(header.recipes):
-            placed.append((header.place is None, header.place or 0, path.stem))
-    return [name for _, _, name in sorted(placed)]
+    return [path.stem for path in sorted((config_dir or CONFIG_DIR).glob("*.yaml")) if names & set(config_recipes(path))]

@@ -28,6 +28,7 @@ from finetune.training.loop import TrainingLoop
 from finetune.training.run import ModelSource, RunContext, close_run, load_model_source, start_run
 
 PARAMS_CLASS = FullFinetuneParams
+ALIASES = ("finetune_llm", "full_finetune_single_device", "full_finetune_distributed")  # other names `tune` runs it by
 
 
 class FullFinetuneRecipe:

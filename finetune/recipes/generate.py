@@ -29,6 +29,7 @@ from finetune.params import GenerateParams, resolve_path
 from finetune.tokenizers import Message
 
 PARAMS_CLASS = GenerateParams
+ALIASES = ("alpaca_generate",)  # other names `tune` runs it by
 
 
 @dataclass

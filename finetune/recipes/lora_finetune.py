@@ -41,6 +41,7 @@ from finetune.training.model_setup import build_on_cpu
 from finetune.training.run import ModelSource, RunContext, close_run, load_model_source, start_run
 
 PARAMS_CLASS = LoraFinetuneParams
+ALIASES = ("lora_finetune_single_device", "lora_finetune_distributed")  # other names `tune` runs it by
 # What the adapter is: a resumed run must keep these (the optimizer state and the scale follow them).
 LORA_SETTINGS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
                  "lora_dropout", "use_dora", "quantize_base")

@@ -5,10 +5,10 @@ import dataclasses
 from pathlib import Path
 
 from finetune.cli.registry import (
-    SEED_RECIPES,
+    LISTED_FIRST,
     RecipeEntry,
     available_recipes,
-    config_header,
+    config_recipes,
     configs_for,
     discover_recipes,
     find_recipe,
@@ -25,7 +25,7 @@ def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
     (tmp_path / "broken.py").write_text("def main(argv)\n")  # listed, so running it shows the SyntaxError
     found = discover_recipes(tmp_path, "mypkg")
     assert [(e.name, e.module, e.aliases) for e in found] == [
-        ("dummy", "mypkg.dummy", ()),  # seed recipes come first, in their order
+        ("dummy", "mypkg.dummy", ()),  # the recipes listed first come first, in their order
         ("broken", "mypkg.broken", ()),
         ("dpo", "mypkg.dpo", ("dpo_single_device",)),
     ]
@@ -33,7 +33,7 @@ def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
 
 def test_the_shipped_recipes_and_their_seed_names():
     names = [entry.name for entry in available_recipes()]
-    assert names == list(SEED_RECIPES)
+    assert names == list(LISTED_FIRST)
     for alias in ("finetune_llm", "full_finetune_single_device", "full_finetune_distributed"):
         assert find_recipe(alias).name == "full_finetune"
     assert find_recipe("lora_finetune_distributed").name == "lora_finetune"
@@ -46,22 +46,22 @@ def test_every_shipped_config_names_a_recipe_whose_params_read_it():
     configs = sorted(CONFIG_DIR.glob("*.yaml"))
     assert len(configs) >= 10
     for path in configs:
-        header = config_header(path)
-        assert header.recipes, f"{path} has no '# recipe: <name>' first line"
-        for name in header.recipes:
+        recipes = config_recipes(path)
+        assert recipes, f"{path} has no '# recipe: <name>' first line"
+        for name in recipes:
             params_cls = find_recipe(name).params_class()
             unknown = set(read_config(path)) - {f.name for f in dataclasses.fields(params_cls)}
             assert not unknown, (path, name, unknown)
 
 
-def test_configs_are_listed_in_their_place_then_by_name(tmp_path):
-    (tmp_path / "b.yaml").write_text("# recipe: demo (2nd in tune ls)\nlr: 1\n")
-    (tmp_path / "a.yaml").write_text("# An unplaced config of demo and other.\n# recipe: other, demo\nlr: 1\n")
-    (tmp_path / "c.yaml").write_text("# recipe: demo (1st in tune ls)\n")
+def test_configs_are_listed_by_name(tmp_path):
+    (tmp_path / "b.yaml").write_text("# recipe: demo\nlr: 1\n")
+    (tmp_path / "a.yaml").write_text("# A config of demo and other.\n# recipe: other, demo\nlr: 1\n")
+    (tmp_path / "c.yaml").write_text("# recipe: other\n")
     (tmp_path / "d.yaml").write_text("lr: 1\n# recipe: demo\n")  # not in the opening comments: no recipe
     (tmp_path / "e.yaml").write_text("# recipe: demo_alias\n")
     entry = RecipeEntry("demo", "pkg.demo", Path("demo.py"), ("demo_alias",))
-    assert configs_for(entry, tmp_path) == ["c", "b", "a", "e"]
-    assert config_header(tmp_path / "a.yaml").recipes == ("other", "demo")
-    assert config_header(tmp_path / "d.yaml").recipes == ()
-    assert config_header(tmp_path / "missing.yaml").recipes == ()
+    assert configs_for(entry, tmp_path) == ["a", "b", "e"]
+    assert config_recipes(tmp_path / "a.yaml") == ("other", "demo")
+    assert config_recipes(tmp_path / "d.yaml") == ()
+    assert config_recipes(tmp_path / "missing.yaml") == ()
