@@ -1,6 +1,8 @@
 """Recipes: one readable file per job, each a class satisfying `Recipe` plus a `main(argv)`."""
 
-from typing import Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from finetune.config import TuneArgumentParser, recipe_entry_point
 
 
 class Recipe(Protocol):
@@ -38,3 +40,23 @@ class RunnableRecipe(Recipe, Protocol):
     """A training recipe that can also record its own failure in the job status."""
 
     def fail(self, error: BaseException) -> None: ...
+
+
+def run_once(recipe: Any, work: Callable[[], object]) -> int:
+    """setup, the recipe's one piece of work (generate, quantize, evaluate), cleanup also after a failure."""
+    try:
+        recipe.setup()
+        work()
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+def recipe_main(params_class: type, prog: str, run: Callable[[Any], int]) -> Callable[[Optional[Sequence[str]]], int]:
+    """A recipe module's `main(argv)`: parse argv into `params_class` and `run` it; an input error
+    anywhere ends as one `error:` line and exit status 2."""
+
+    def parse_and_run(argv: Sequence[str]) -> int:
+        return run(TuneArgumentParser(params_class, prog=prog).parse_args(argv))
+
+    return recipe_entry_point(parse_and_run)

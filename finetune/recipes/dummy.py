@@ -13,14 +13,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.params import FullFinetuneParams
+from finetune.recipes import recipe_main, run_once
 
 PARAMS_CLASS = FullFinetuneParams
 
@@ -74,16 +73,12 @@ class DummyRecipe:
             dist.destroy_process_group()
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune dummy").parse_args(argv)
+def _run(params: FullFinetuneParams) -> int:
     recipe = DummyRecipe(params)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    return 0
+    return run_once(recipe, recipe.train)
 
 
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune dummy", _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,15 +15,15 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from finetune.checkpointing.atomic import atomic_write_text
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.evaluation.harness import HarnessModel
 from finetune.inference import load_inference_model, prepare_inference
 from finetune.models import num_params
 from finetune.params import EvalParams, resolve_path
+from finetune.recipes import recipe_main, run_once
 
 PARAMS_CLASS = EvalParams
 INSTALL_HINT = 'pip install "finetune[eval]"'
@@ -147,18 +147,12 @@ def results_file(output_path: str) -> Path:
     return path
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune eleuther_eval").parse_args(argv)
+def _run(params: EvalParams) -> int:
     recipe = EleutherEvalRecipe(params)
-    try:
-        recipe.setup()
-        recipe.evaluate()
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_once(recipe, recipe.evaluate)
 
 
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune eleuther_eval", _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from finetune.checkpointing import save_hf_checkpoint
 from finetune.checkpointing.recipe_state import find_resume_checkpoint
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams
-from finetune.recipes import run_recipe
+from finetune.recipes import recipe_main, run_recipe
 from finetune.training.data_setup import build_training_data
 from finetune.training.fsdp import full_model_state_dict
 from finetune.training.loop import TrainingLoop
@@ -83,12 +82,7 @@ class FullFinetuneRecipe:
         close_run(self.run)
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune full_finetune").parse_args(argv)
-    return run_recipe(FullFinetuneRecipe(params))
-
-
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune full_finetune", lambda params: run_recipe(FullFinetuneRecipe(params)))
 
 if __name__ == "__main__":
     sys.exit(main())

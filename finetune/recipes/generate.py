@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data.templates import get_template
 from finetune.data.sources import read_file
 from finetune.errors import UserError
@@ -26,6 +25,7 @@ from finetune.inference import load_inference_model, prepare_inference
 from finetune.models import num_params
 from finetune.models.generation import TextStream, generate
 from finetune.params import GenerateParams, resolve_path
+from finetune.recipes import recipe_main, run_once
 from finetune.tokenizers import Message
 
 PARAMS_CLASS = GenerateParams
@@ -277,18 +277,12 @@ def _record_prompt(record: dict, where: str) -> Prompt:
     return Prompt(record["instruction"], input_text, where, reference if isinstance(reference, str) else None)
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune generate").parse_args(argv)
+def _run(params: GenerateParams) -> int:
     recipe = GenerateRecipe(params)
-    try:
-        recipe.setup()
-        recipe.generate()
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_once(recipe, recipe.generate)
 
 
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune generate", _run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,7 +21,6 @@ from torch import nn
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.peft import MERGED_DIR
 from finetune.checkpointing.recipe_state import check_resume_settings, find_resume_checkpoint
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, num_params
 from finetune.models.lora import (
@@ -33,7 +32,7 @@ from finetune.models.lora import (
     set_trainable_params,
 )
 from finetune.params import LoraFinetuneParams, resolve_path
-from finetune.recipes import run_recipe
+from finetune.recipes import recipe_main, run_recipe
 from finetune.training.data_setup import build_training_data
 from finetune.training.fsdp import full_model_state_dict
 from finetune.training.loop import TrainingLoop
@@ -161,12 +160,7 @@ def check_rank_fits(p: LoraFinetuneParams, args: ModelArgs) -> None:
                         f"model {p.model}; use a rank of at most {smallest} (8 to 64 is usual)")
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune lora_finetune").parse_args(argv)
-    return run_recipe(LoraFinetuneRecipe(params))
-
-
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune lora_finetune", lambda params: run_recipe(LoraFinetuneRecipe(params)))
 
 if __name__ == "__main__":
     sys.exit(main())

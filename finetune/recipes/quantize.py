@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -27,13 +27,13 @@ from finetune.checkpointing.quantized import (
 )
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.tokenizers.loader import load_tokenizer_for_model
-from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.data import build_dataset
 from finetune.errors import UserError
 from finetune.evaluation.perplexity import perplexity
 from finetune.inference import resolve_inference_dtype, tokenizer_location
 from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
+from finetune.recipes import recipe_main, run_once
 from finetune.quantization import GROUPED_SCHEMES, check_scheme_device, quantize_model
 from finetune.tokenizers.loader import resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
@@ -194,18 +194,12 @@ def format_bytes(n: int) -> str:
     return f"{size:.1f} {unit}"
 
 
-def _main(argv: Sequence[str]) -> int:
-    params = TuneArgumentParser(PARAMS_CLASS, prog="tune quantize").parse_args(argv)
+def _run(params: QuantizeParams) -> int:
     recipe = QuantizeRecipe(params)
-    try:
-        recipe.setup()
-        recipe.quantize()
-    finally:
-        recipe.cleanup()
-    return 0
+    return run_once(recipe, recipe.quantize)
 
 
-main = recipe_entry_point(_main)
+main = recipe_main(PARAMS_CLASS, "tune quantize", _run)
 
 if __name__ == "__main__":
     sys.exit(main())
