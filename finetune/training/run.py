@@ -27,9 +27,11 @@ from finetune.training.distributed import (
     DistInfo,
     destroy_distributed,
     init_distributed,
+    peer_stopped_on_user_error,
     resolve_device,
     run_on_rank_zero,
 )
+from finetune.training.guards import Preempted
 from finetune.training.memory import keep_freed_host_memory
 from finetune.training.model_setup import ModuleHook, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
@@ -85,7 +87,16 @@ class RunContext:
         )
 
     def fail(self, error: BaseException) -> None:
-        self.monitor.fail(str(error) or type(error).__name__)
+        """Record why the run ended before finishing: a stop asked for is no failure."""
+        if isinstance(error, KeyboardInterrupt):
+            self.monitor.stopped("stopped")
+        elif isinstance(error, Preempted) and self.dist.is_distributed and peer_stopped_on_user_error():
+            # torchrun stops the other workers with SIGTERM when one stops on an input error.
+            self.monitor.fail("another process stopped on an input error; its error: line says what to fix")
+        elif isinstance(error, Preempted):
+            self.monitor.stopped("preempted")
+        else:
+            self.monitor.fail(str(error) or type(error).__name__)
 
     def close(self) -> None:
         for close in self.closers:
