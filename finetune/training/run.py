@@ -26,7 +26,9 @@ from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokeniz
 from finetune.training.distributed import (
     DistInfo,
     destroy_distributed,
+    exit_if_launcher_gone,
     init_distributed,
+    on_launcher_death,
     peer_stopped_on_user_error,
     resolve_device,
     run_on_rank_zero,
@@ -88,6 +90,7 @@ class RunContext:
 
     def fail(self, error: BaseException) -> None:
         """Record why the run ended before finishing: a stop asked for is no failure."""
+        exit_if_launcher_gone()
         if isinstance(error, KeyboardInterrupt):
             self.monitor.stopped("stopped")
         elif isinstance(error, Preempted) and self.dist.is_distributed and peer_stopped_on_user_error():
@@ -117,6 +120,7 @@ def start_run(params: FullFinetuneParams) -> RunContext:
     claim_output_dir(output_dir, resume=params.resume_from_checkpoint)
     monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
     run = RunContext(params, dist, device, dtype, output_dir, monitor)
+    run.closers.append(on_launcher_death(monitor.fail))
     if run.rank_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         run.log(str(params))
