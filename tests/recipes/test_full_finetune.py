@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.checkpointing.output_lock import LOCK_FILE
 from finetune.cli import main
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes.full_finetune import FullFinetuneRecipe
@@ -192,7 +193,8 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"error: cannot write {out / 'step_4'} (No space left on device); free space or fix permissions "
                    "there, or choose another output_dir, then run again: nothing saved before was changed")
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "step_"))) == ["step_2"]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".", "step_")) and p.name != LOCK_FILE]
+    assert sorted(leftovers) == ["step_2"]
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     monkeypatch.setattr(writers, "save_safetensors", real_save)
     resumed = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2,
@@ -354,6 +356,7 @@ def slow(*args, **kwargs):
 writers.save_hf_checkpoint = slow
 import finetune.checkpointing
 finetune.checkpointing.save_hf_checkpoint = slow
+from finetune.checkpointing.output_lock import LOCK_FILE
 from finetune.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -1,4 +1,5 @@
-"""A run and the processes around it: workers do not outlive a killed launcher."""
+"""A run and the processes around it: workers do not outlive a killed launcher, and one
+output_dir holds one run at a time (a second run into it stops with one line and touches nothing)."""
 
 import json
 import os
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.helpers import as_argv, train_losses, tune
+from finetune.cli import main
+from tests.recipes.helpers import as_argv, metrics, train_losses, tune
 
 
 def children(pid: int) -> list[int]:
@@ -70,3 +72,32 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    first = tune("finetune_llm", *as_argv(max_steps_per_epoch=4000, batch_size=2), f"output_dir={out}", wait=False)
+    try:
+        wait_for_steps(out, first, 2)
+        params_before = (out / "params.yaml").read_text()
+        capsys.readouterr()
+        refused = f"error: output_dir {out} is in use by another run (pid {first.pid} on host {os.uname().nodename}); "
+        # A fresh run and a resume are both refused, in one process or several.
+        assert main(["finetune_llm", *as_argv(max_steps_per_epoch=2, lr=0.5), f"output_dir={out}"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            refused + "wait for it to finish or choose another output_dir"]
+        second = tune("--nproc_per_node", "2", "finetune_llm", *as_argv(max_steps_per_epoch=2, lr=0.5),
+                      f"output_dir={out}", "resume_from_checkpoint=true")
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert [line for line in second.stderr.splitlines() if line.startswith("error:")] == [
+            refused + "wait for it to finish or choose another output_dir"]
+        assert (out / "params.yaml").read_text() == params_before
+        record = json.loads((out / "status.json").read_text())
+        assert record["pid"] == first.pid and record["state"] == "running"
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate()
+    steps = [record["step"] for record in metrics(out) if "loss" in record]
+    assert steps == list(range(1, len(steps) + 1)), "the metrics of two runs interleave"
