@@ -60,21 +60,30 @@ def stop_exception(signum: int) -> BaseException:
     return Preempted() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+class _SigtermSeen:
+    """Whether SIGTERM already asked this process to stop: handlers are per process, so is this.
+    A plain attribute, not an Event, since a handler must never wait for a lock its own thread holds."""
+
+    value = False
+
+
 def preempt_on_sigterm() -> Callable[[], None]:
     """Make SIGTERM raise Preempted, as Ctrl-C raises KeyboardInterrupt; returns the undo.
 
-    Only the first SIGTERM raises; later ones are ignored so they cannot cut short the way out
-    (the job status write, the cleanup): under Slurm every process gets SIGTERM and torchrun
-    then passes the launcher's on to the workers, so a worker often gets two. The training loop
-    defers SIGTERM to a step boundary instead (StopAtStepBoundary). Off the main thread, where
-    handlers cannot be set, nothing changes.
+    Only the first SIGTERM raises (or is deferred by StopAtStepBoundary in the training loop);
+    later ones are ignored so they cannot cut short the way out (the checkpoint, the job status,
+    the cleanup): under Slurm every process gets SIGTERM and torchrun then passes the launcher's
+    on to the workers, so a worker often gets two. Off the main thread, where handlers cannot
+    be set, nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _SigtermSeen.value = False
 
     def raise_once(signum: int, frame: Optional[FrameType]) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Preempted()
+        if not _SigtermSeen.value:
+            _SigtermSeen.value = True
+            raise Preempted()
 
     previous = signal.signal(signal.SIGTERM, raise_once)
 
@@ -109,13 +118,11 @@ class StopAtStepBoundary:
 
     def __exit__(self, kind: Optional[type], error: Optional[BaseException], trace: Optional[TracebackType]) -> None:
         for signum, previous in self._previous.items():
-            if signum == signal.SIGTERM and self.requested == signal.SIGTERM:
-                # Already stopping for SIGTERM: a second one (torchrun passing on what Slurm sent
-                # every process) must not raise in the middle of the way out.
-                previous = signal.SIG_IGN
             signal.signal(signum, previous)
 
     def _request(self, signum: int, frame: Optional[FrameType]) -> None:
+        if signum == signal.SIGTERM:
+            _SigtermSeen.value = True  # a second one on the way out is ignored (preempt_on_sigterm)
         if self.requested is None and self._log is not None:
             reason = "SIGTERM (preemption)" if signum == signal.SIGTERM else "interrupt"
             self._log(f"{reason}: stopping after this step and saving a checkpoint "
