@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 
 from finetune.checkpointing.atomic import latest_checkpoint, list_checkpoints
+from finetune.checkpointing.output_lock import OutputDirLock, lock_output_dir
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,14 @@ def load_recipe_state(path: Path | str) -> dict[str, Any]:
     return state
 
 
-def claim_output_dir(output_dir: Path | str, resume: bool) -> None:
-    """Make `output_dir`, refusing to start a fresh run over an earlier run's checkpoints.
+def claim_output_dir(output_dir: Path | str, resume: bool) -> OutputDirLock:
+    """Make `output_dir` and lock it for this run, refusing a folder another run holds and a
+    fresh run over an earlier run's checkpoints.
 
     A fresh run there would mix its metrics with the old ones, prune the old run's checkpoints
-    (or its own, by step number), and a later resume would pick whichever step is highest.
+    (or its own, by step number), and a later resume would pick whichever step is highest. The
+    lock comes before anything is read or written there (see output_lock); the caller releases
+    it when the run ends.
     """
     root = Path(output_dir)
     if root.exists() and not root.is_dir():
@@ -144,12 +148,15 @@ def claim_output_dir(output_dir: Path | str, resume: bool) -> None:
         raise UserError(f"cannot create output_dir {root} ({e.strerror}); choose a writable output_dir") from None
     if not os.access(root, os.W_OK):
         raise UserError(f"output_dir {root} is not writable; choose a writable output_dir")
+    lock = lock_output_dir(root)
     existing = list_checkpoints(root)
     if existing and not resume:
+        lock.release()
         raise UserError(
             f"output_dir {root} already holds checkpoints of an earlier run ({', '.join(p.name for p in existing)}); "
             "set resume_from_checkpoint=true to continue it, or choose another output_dir"
         )
+    return lock
 
 
 def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], lora: bool = False) -> Optional[Path]:

@@ -71,7 +71,8 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
         return 2 if 2 in codes else (codes[0] if codes and codes[0] > 0 else 1)
-    except SignalException:
-        # Ctrl-C reached the launcher too; the workers stop after their step and save.
-        return 130
+    except SignalException as exc:
+        # Ctrl-C or SIGTERM reached the launcher, which passed it on: the workers stop after their
+        # step and save; the launcher exits as they do, 128 + the signal (130 or 143).
+        return 128 + int(exc.sigval)
     return 0

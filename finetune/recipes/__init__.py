@@ -3,6 +3,7 @@
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from finetune.config import TuneArgumentParser, recipe_entry_point
+from finetune.training.guards import PREEMPTED_EXIT_STATUS, STOPPED_EXIT_STATUS, Preempted, preempt_on_sigterm
 
 
 class Recipe(Protocol):
@@ -18,28 +19,38 @@ class Recipe(Protocol):
 
 
 def run_recipe(recipe: "RunnableRecipe") -> int:
-    """setup, train, cleanup; a failure is recorded in the job status before it propagates.
+    """setup, train, cleanup; how the run ended is recorded in the job status.
 
-    Ctrl-C ends with exit status 130 (the recipe saved a checkpoint on its way out).
+    Ctrl-C ends with exit status 130 (STOPPED_EXIT_STATUS) and SIGTERM, which schedulers send
+    before preempting a job, with 143 (PREEMPTED_EXIT_STATUS): in training both save a checkpoint
+    after the step in progress first; in setup there is nothing to save yet. Any other error is
+    recorded as a failure and propagates.
     """
+    restore_sigterm = preempt_on_sigterm()
     try:
         recipe.setup()
         recipe.train()
     except KeyboardInterrupt as exc:
         recipe.fail(exc)
-        return 130
+        return STOPPED_EXIT_STATUS
+    except Preempted as exc:
+        recipe.fail(exc)
+        return PREEMPTED_EXIT_STATUS
     except BaseException as exc:
         recipe.fail(exc)
         raise
     finally:
         recipe.cleanup()
+        restore_sigterm()
     return 0
 
 
 class RunnableRecipe(Recipe, Protocol):
-    """A training recipe that can also record its own failure in the job status."""
+    """A training recipe that can also record in the job status why it ended early."""
 
-    def fail(self, error: BaseException) -> None: ...
+    def fail(self, error: BaseException) -> None:
+        """Record `error`: KeyboardInterrupt as stopped, Preempted as preempted, anything else as failed."""
+        ...
 
 
 def run_once(recipe: Any, work: Callable[[], object]) -> int:

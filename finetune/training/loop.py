@@ -1,6 +1,6 @@
 """The training loop both fine-tuning recipes own: epochs of optimizer steps with gradient
-accumulation, evaluation, metrics, the job monitor, Ctrl-C at a step boundary, checkpoints and
-an exact resume.
+accumulation, evaluation, metrics, the job monitor, Ctrl-C and SIGTERM at a step boundary,
+checkpoints and an exact resume.
 
 A recipe hands it what is particular to it: the model, the parameters that train, and how the
 model is gathered and written into a checkpoint folder. The loop writes everything else of a
@@ -29,7 +29,13 @@ from finetune.checkpointing.recipe_state import (
 from finetune.training.data_setup import TrainingData
 from finetune.training.distributed import barrier
 from finetune.training.fsdp import full_optimizer_state_dict, load_full_optimizer_state_dict
-from finetune.training.guards import StopAtStepBoundary, check_finite_loss, out_of_memory_error
+from finetune.training.guards import (
+    Preempted,
+    StopAtStepBoundary,
+    check_finite_loss,
+    out_of_memory_error,
+    stop_exception,
+)
 from finetune.training.lr_schedule import build_lr_scheduler
 from finetune.training.memory import peak_memory_gb
 from finetune.training.metrics import build_metric_loggers
@@ -106,7 +112,7 @@ class TrainingLoop:
     # ------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Every remaining epoch; a checkpoint at each epoch end and on Ctrl-C."""
+        """Every remaining epoch; a checkpoint at each epoch end and on Ctrl-C or SIGTERM."""
         p, run = self.params, self.run
         run.monitor.set_state("running")
         if self.eval_loader is not None and self.global_step == 0:
@@ -120,17 +126,7 @@ class TrainingLoop:
         )
         try:
             with profiler, StopAtStepBoundary(run.device, run.log) as stop:
-                for self.epoch in range(self.epoch, p.epochs):
-                    self._train_epoch(progress, profiler, stop)
-                    self.steps_done_in_epoch = 0
-                    self.epoch += 1
-                    if self.last_saved_step != self.global_step:
-                        self.save_checkpoint()
-        except KeyboardInterrupt:
-            run.log(f"interrupted at step {self.global_step}: saving a checkpoint before exiting")
-            if self.last_saved_step != self.global_step:
-                self.save_checkpoint()
-            raise
+                self._train_epochs(progress, profiler, stop)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(self.global_step, run.device) from exc
         finally:
@@ -139,6 +135,26 @@ class TrainingLoop:
         if self.eval_loader is not None and not evaluated_last_step:
             self._log_metrics({"eval_loss": self.evaluate()})
         run.monitor.finish()
+
+    def _train_epochs(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
+        """The remaining epochs; a stop request (Ctrl-C, SIGTERM) saves the step it stopped after.
+
+        The save on a stop runs while `stop` still holds the signals: a second signal (torchrun
+        passing on one that every process already got) only repeats the request.
+        """
+        try:
+            for self.epoch in range(self.epoch, self.params.epochs):
+                self._train_epoch(progress, profiler, stop)
+                self.steps_done_in_epoch = 0
+                self.epoch += 1
+                if self.last_saved_step != self.global_step:
+                    self.save_checkpoint()
+        except (KeyboardInterrupt, Preempted) as exc:
+            why = "preempted (SIGTERM)" if isinstance(exc, Preempted) else "interrupted"
+            self.run.log(f"{why} at step {self.global_step}: saving a checkpoint before exiting")
+            if self.last_saved_step != self.global_step:
+                self.save_checkpoint()
+            raise
 
     def _train_epoch(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
         p = self.params
@@ -163,8 +179,9 @@ class TrainingLoop:
             if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
                 self.save_checkpoint()
             profiler.step()
-            if stop.agreed():
-                raise KeyboardInterrupt
+            asked = stop.agreed()
+            if asked is not None:
+                raise stop_exception(asked)
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation)."""

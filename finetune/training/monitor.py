@@ -1,7 +1,8 @@
 """A job status file that tools outside the run can poll: `output_dir/status.json`.
 
-It holds the run's state (starting, running, checkpointing, done, failed), progress (step,
-epoch, loss), the newest complete checkpoint, the error on failure, the pid, and two clocks:
+It holds the run's state (starting, running, checkpointing, then one of the ends: done, failed,
+stopped by Ctrl-C, or preempted by SIGTERM), progress (step, epoch, loss), the newest complete
+checkpoint, the error on failure, the pid, and two clocks:
 `heartbeat_at`, refreshed by a daemon thread every few seconds, goes stale only when the
 process is dead (killed, or the machine gone); `progress_at`, set whenever the training loop
 reports, also goes stale when the process lives but the loop is stuck (say, a hung collective).
@@ -24,7 +25,10 @@ from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "running", "checkpointing", "done", "failed")
+# A run stopped by Ctrl-C (`stopped`) or by a scheduler's SIGTERM (`preempted`) saved a checkpoint
+# at a step boundary and resumes exactly: not a failure, and a scheduler may simply requeue it.
+END_STATES = ("done", "failed", "stopped", "preempted")
+STATES = ("starting", "running", "checkpointing", *END_STATES)
 
 
 def _now() -> str:
@@ -142,10 +146,17 @@ class JobMonitor:
         self._stop_heartbeat()
         self._set(state="done")
 
+    def stopped(self, state: str) -> None:
+        """Record a run that ended on request before finishing: `stopped` or `preempted`."""
+        if state not in ("stopped", "preempted"):
+            raise ValueError(f"a run ends on request as stopped or preempted, not {state!r}")
+        self._stop_heartbeat()
+        self._set(state=state)
+
     def close(self) -> None:
         """End monitoring; a run closed before it finished (a notebook's failed setup) is failed."""
         if self._stop.is_set():
             return
         self._stop_heartbeat()
-        if self.enabled and self._status["state"] not in ("done", "failed"):
+        if self.enabled and self._status["state"] not in END_STATES:
             self._set(state="failed", error="closed before training finished")

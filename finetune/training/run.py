@@ -1,6 +1,6 @@
 """What a training run sets up before its training loop: the process group, device, dtype and
-seeds, the claimed output folder and the job monitor (`start_run`), the architecture and
-tokenizer it trains with (`load_model_source`), and the model itself from a state dict.
+seeds, the claimed and locked output folder and the job monitor (`start_run`), the architecture
+and tokenizer it trains with (`load_model_source`), and the model itself from a state dict.
 
 Both fine-tuning recipes call these in the same order; what differs between them (adapters,
 which weights to start from) stays in the recipe and is handed in.
@@ -17,8 +17,10 @@ import torch
 from tqdm import tqdm
 
 from finetune.checkpointing.model_configs import resolve_model_args
+from finetune.checkpointing.output_lock import OutputDirLock
 from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
 from finetune.checkpointing.writers import hf_output_extras
+from finetune.config.entry import peer_stopped_on_user_error
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
@@ -26,10 +28,13 @@ from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokeniz
 from finetune.training.distributed import (
     DistInfo,
     destroy_distributed,
+    exit_if_launcher_gone,
     init_distributed,
+    on_launcher_death,
     resolve_device,
     run_on_rank_zero,
 )
+from finetune.training.guards import Preempted
 from finetune.training.memory import keep_freed_host_memory
 from finetune.training.model_setup import ModuleHook, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
@@ -46,6 +51,7 @@ class RunContext:
     dtype: torch.dtype
     output_dir: Path
     monitor: JobMonitor
+    lock: Optional[OutputDirLock] = None  # rank 0's hold on output_dir; None on the other ranks
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -85,16 +91,28 @@ class RunContext:
         )
 
     def fail(self, error: BaseException) -> None:
-        self.monitor.fail(str(error) or type(error).__name__)
+        """Record why the run ended before finishing: a stop asked for is no failure."""
+        exit_if_launcher_gone()
+        if isinstance(error, KeyboardInterrupt):
+            self.monitor.stopped("stopped")
+        elif isinstance(error, Preempted) and self.dist.is_distributed and peer_stopped_on_user_error():
+            # torchrun stops the other workers with SIGTERM when one stops on an input error.
+            self.monitor.fail("another process stopped on an input error; its error: line says what to fix")
+        elif isinstance(error, Preempted):
+            self.monitor.stopped("preempted")
+        else:
+            self.monitor.fail(str(error) or type(error).__name__)
 
     def close(self) -> None:
         for close in self.closers:
             close()
         self.monitor.close()
+        if self.lock is not None:  # last: the monitor's final write is still this run's
+            self.lock.release()
 
 
 def start_run(params: FullFinetuneParams) -> RunContext:
-    """Join the process group, pick device and dtype, seed, claim output_dir, start the monitor."""
+    """Join the process group, pick device and dtype, seed, claim and lock output_dir, start the monitor."""
     params.check()  # a notebook may have changed a field since the params were built
     dist = init_distributed(resolve_device(params.device).type)
     device = resolve_device(params.device, dist.local_rank)
@@ -103,11 +121,18 @@ def start_run(params: FullFinetuneParams) -> RunContext:
     dtype = resolve_run_dtype(params.dtype, device)
     seed_everything(params.seed, dist.rank)
     output_dir = Path(params.output_dir)
-    claim_output_dir(output_dir, resume=params.resume_from_checkpoint)
-    monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
-    run = RunContext(params, dist, device, dtype, output_dir, monitor)
+    # Rank 0 claims the folder for the whole run before anything writes there (the monitor's
+    # status.json first); a refusal stops every rank with the same line.
+    lock = run_on_rank_zero(lambda: claim_output_dir(output_dir, resume=params.resume_from_checkpoint), default=None)
+    try:
+        monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
+    except BaseException:
+        if lock is not None:  # no run holds the folder now (a notebook may start the next one)
+            lock.release()
+        raise
+    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock)
+    run.closers.append(on_launcher_death(monitor.fail))
     if run.rank_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
         run.log(str(params))
     return run
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.checkpointing.output_lock import LOCK_FILE
 from finetune.cli import main
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes.full_finetune import FullFinetuneRecipe
@@ -192,7 +193,8 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"error: cannot write {out / 'step_4'} (No space left on device); free space or fix permissions "
                    "there, or choose another output_dir, then run again: nothing saved before was changed")
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".", "step_"))) == ["step_2"]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith((".", "step_")) and p.name != LOCK_FILE]
+    assert sorted(leftovers) == ["step_2"]
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     monkeypatch.setattr(writers, "save_safetensors", real_save)
     resumed = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2,
@@ -271,20 +273,49 @@ def test_two_nodes_on_loopback(tmp_path):
     assert len(train_losses(tmp_path / "out")) == 2
 
 
+def test_sigterm_during_setup_ends_the_run_as_preempted(tmp_path, monkeypatch, capsys):
+    """Before the loop there is no step to finish and nothing to save: SIGTERM ends the run at once."""
+    import finetune.recipes.full_finetune as recipe_module
+
+    real = recipe_module.load_model_source
+
+    def preempted_while_loading(params):
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "SIGTERM would kill the test session"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here
+        return real(params)
+
+    monkeypatch.setattr(recipe_module, "load_model_source", preempted_while_loading)
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    assert main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=2)]) == 143
+    assert signal.getsignal(signal.SIGTERM) == handler
+    assert "Traceback" not in capsys.readouterr().err
+    status = json.loads((out / "status.json").read_text())
+    assert (status["state"], status["error"], status["step"]) == ("preempted", None, 0)
+    assert not list(out.glob("step_*")) and not (out / "metrics.jsonl").exists()
+
+
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("stop_signal,status,state", [
+    (signal.SIGINT, 130, "stopped"), (signal.SIGTERM, 143, "preempted"),
+], ids=["ctrl_c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_and_records_why(tmp_path, stop_signal, status, state):
+    """Ctrl-C is a stop a person asked for and SIGTERM a scheduler's preemption: neither is a failure."""
     out = tmp_path / "out"
     process = tune("finetune_llm", *as_argv(max_steps_per_epoch=400, batch_size=2), f"output_dir={out}", wait=False)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() or len(train_losses(out)) < 2:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert process.returncode == 130
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == status and "Traceback" not in stderr, stderr[-3000:]
     saved = list(out.glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "model.safetensors").is_file()
-    assert json.loads((out / "status.json").read_text())["last_checkpoint"] == str(saved[0])
+    record = json.loads((out / "status.json").read_text())
+    assert (record["state"], record["error"]) == (state, None)
+    assert record["last_checkpoint"] == str(saved[0]) and record["step"] == int(saved[0].name.split("_")[1])
 
 
 @pytest.mark.slow
@@ -325,6 +356,7 @@ def slow(*args, **kwargs):
 writers.save_hf_checkpoint = slow
 import finetune.checkpointing
 finetune.checkpointing.save_hf_checkpoint = slow
+from finetune.checkpointing.output_lock import LOCK_FILE
 from finetune.cli import main
 sys.exit(main(sys.argv[1:]))
 """

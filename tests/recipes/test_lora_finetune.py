@@ -2,6 +2,7 @@
 state is adapter-sized, outputs load in PEFT and transformers with our logits, DoRA and QLoRA
 train, resume is bit-exact after SIGKILL, and 2 processes follow 1."""
 
+import json
 import os
 import signal
 import time
@@ -186,9 +187,13 @@ def test_a_bad_base_checkpoint_stops_both_processes_with_one_line(tmp_path, hf_b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_ctrl_c_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc):
-    """With dropout drawing random numbers inside each step, only a stop between steps resumes exactly."""
+@pytest.mark.parametrize("nproc,stop_signal", [
+    (1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGTERM),
+], ids=["1-ctrl_c", "2-ctrl_c", "1-sigterm", "2-sigterm"])
+def test_a_stop_signal_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc, stop_signal):
+    """With dropout drawing random numbers inside each step, only a stop between steps resumes exactly.
+    The signal goes to every process, as a terminal's Ctrl-C or Slurm's preemption does (torchrun then
+    passes it on to the workers a second time)."""
     launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
     run = as_argv(max_steps_per_epoch=40, batch_size=2, lr=3e-3, lora_dropout=0.1)
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
@@ -199,14 +204,18 @@ def test_ctrl_c_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc):
     while not (interrupted / "metrics.jsonl").exists() or len(train_losses(interrupted)) < 3:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGINT)
+    os.killpg(process.pid, stop_signal)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     (saved,) = interrupted.glob("step_*")
     assert saved.name != "step_40", "the run finished before it was interrupted"
+    record = json.loads((interrupted / "status.json").read_text())
+    assert record["state"] == ("stopped" if stop_signal == signal.SIGINT else "preempted"), record
+    assert record["last_checkpoint"] == str(saved)
     result = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_tensors(reference / "step_40" / "adapter_model.safetensors", interrupted / "step_40" / "adapter_model.safetensors")
+    assert process.returncode == 128 + stop_signal, stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -68,6 +68,18 @@ def test_failure_records_error_and_resume_keeps_last_checkpoint(tmp_path):
     resumed.finish()
 
 
+@pytest.mark.parametrize("state", ["stopped", "preempted"])
+def test_a_run_stopped_on_request_is_not_failed(tmp_path, state):
+    monitor = JobMonitor(tmp_path, rank=0, heartbeat_interval_s=0.01)
+    monitor.stopped(state)
+    assert not monitor._thread.is_alive()
+    monitor.close()  # ends nothing more: the run did not fail
+    status = _read(tmp_path / "status.json")
+    assert (status["state"], status["error"]) == (state, None)
+    with pytest.raises(ValueError, match="stopped or preempted"):
+        monitor.stopped("failed")
+
+
 def test_heartbeat_refreshes_and_stops_after_finish(tmp_path):
     path = tmp_path / "status.json"
     monitor = JobMonitor(tmp_path, rank=0, heartbeat_interval_s=0.05)
