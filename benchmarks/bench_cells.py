@@ -47,8 +47,14 @@ def model_spec(name: str) -> ModelSpec:
         return ModelSpec(name, model_args("tiny"), "demo", None, "LLAMA2")
     if name == "100m":
         args = ModelArgs(
-            vocab_size=32_000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048,
-            max_seq_len=4096, family="llama2",
+            vocab_size=32_000,
+            dim=768,
+            n_layers=12,
+            n_heads=12,
+            n_kv_heads=12,
+            hidden_dim=2048,
+            max_seq_len=4096,
+            family="llama2",
         )
         return ModelSpec(name, args, "sentencepiece32k", None, "LLAMA2")
     if name == "llama3_2_1b":
@@ -136,8 +142,17 @@ def train_sentencepiece(path: Path, vocab_size: int, seed: int) -> None:
     lines = [" ".join(draw(20)) for _ in range(40_000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+        num_threads=1,
     )
     path.write_bytes(model.getvalue())
 
@@ -179,7 +194,11 @@ def write_dataset(path: Path, num_records: int, seq_len: int, seed: int, kind: s
     with path.open("w") as f:
         for i in range(num_records):
             if kind == "uniform":
-                record = {"instruction": f"Continue the story number {i}.", "input": "", "output": " ".join(draw(seq_len))}
+                record = {
+                    "instruction": f"Continue the story number {i}.",
+                    "input": "",
+                    "output": " ".join(draw(seq_len)),
+                }
             else:
                 record = {
                     "instruction": " ".join(draw(rng.randint(5, 40))),
@@ -216,7 +235,11 @@ def check_our_dataset(cfg: RunConfig, data: Path, tokenizer: Path) -> list[int]:
 
     tok = load_tokenizer(tokenizer, family=cfg.spec.args.family)
     dataset = build_dataset(
-        str(data), dataset_type="instruct", tokenizer=tok, max_seq_len=cfg.seq_len, template="alpaca",
+        str(data),
+        dataset_type="instruct",
+        tokenizer=tok,
+        max_seq_len=cfg.seq_len,
+        template="alpaca",
         train_on_input=cfg.data == "uniform",
     )
     samples = [dataset[i] for i in range(len(dataset))]
@@ -250,7 +273,11 @@ def check_torchtune_dataset(
     """Tokenize with torchtune's own dataset; return each sample's token count (non-pad tokens)
     and trained labels (what its log divides by)."""
     out = subprocess.run(
-        [python, "-c", _TORCHTUNE_CHECK, str(config_path)], env=env, capture_output=True, text=True, check=False,
+        [python, "-c", _TORCHTUNE_CHECK, str(config_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise SystemExit(f"error: torchtune dataset check failed:\n{out.stderr[-3000:]}")
@@ -267,21 +294,44 @@ def check_torchtune_dataset(
 
 def our_config(cfg: RunConfig, ckpt: Path, tokenizer: Path, data: Path, out: Path) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "model": "auto", "checkpoint_dir": str(ckpt), "tokenizer_path": str(tokenizer),
-        "dataset": str(data), "dataset_type": "instruct", "template": "alpaca", "train_on_input": cfg.data == "uniform",
-        "max_seq_len": cfg.seq_len, "packed": False, "shuffle": False, "batch_size": cfg.batch_size,
-        "epochs": 1, "max_steps_per_epoch": cfg.total_steps, "gradient_accumulation_steps": 1,
-        "optimizer": "adamw", "lr": cfg.lr, "weight_decay": 0.01, "lr_scheduler": "cosine",
-        "warmup_steps": 0, "clip_grad_norm": 1.0, "device": cfg.device, "dtype": cfg.dtype,
-        "enable_activation_checkpointing": cfg.activation_checkpointing, "enable_activation_offloading": False,
+        "model": "auto",
+        "checkpoint_dir": str(ckpt),
+        "tokenizer_path": str(tokenizer),
+        "dataset": str(data),
+        "dataset_type": "instruct",
+        "template": "alpaca",
+        "train_on_input": cfg.data == "uniform",
+        "max_seq_len": cfg.seq_len,
+        "packed": False,
+        "shuffle": False,
+        "batch_size": cfg.batch_size,
+        "epochs": 1,
+        "max_steps_per_epoch": cfg.total_steps,
+        "gradient_accumulation_steps": 1,
+        "optimizer": "adamw",
+        "lr": cfg.lr,
+        "weight_decay": 0.01,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 0,
+        "clip_grad_norm": 1.0,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "enable_activation_checkpointing": cfg.activation_checkpointing,
+        "enable_activation_offloading": False,
         # loss_chunks is left at our default (auto), as torchtune keeps its configs' 8 chunks.
-        "compile": False, "output_dir": str(out), "log_every_n_steps": 1,
+        "compile": False,
+        "output_dir": str(out),
+        "log_every_n_steps": 1,
     }
     if cfg.is_lora:
         config.update(
-            lora_attn_modules=list(cfg.lora.modules), apply_lora_to_mlp=cfg.lora.mlp,
-            apply_lora_to_output=cfg.lora.output, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-            lora_dropout=0.0, quantize_base=cfg.method == "qlora",
+            lora_attn_modules=list(cfg.lora.modules),
+            apply_lora_to_mlp=cfg.lora.mlp,
+            apply_lora_to_output=cfg.lora.output,
+            lora_rank=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=0.0,
+            quantize_base=cfg.method == "qlora",
         )
     return config
 
@@ -297,9 +347,14 @@ def torchtune_model(cfg: RunConfig) -> dict[str, Any]:
         model = {
             # The generic builder has no qlora_ variant: its LoRA builder takes quantize_base.
             "_component_": f"torchtune.models.llama2.{'lora_' if lora else ''}llama2",
-            "vocab_size": a.vocab_size, "num_layers": a.n_layers, "num_heads": a.n_heads,
-            "num_kv_heads": a.n_kv_heads, "embed_dim": a.dim, "max_seq_len": a.max_seq_len,
-            "intermediate_dim": a.hidden_dim, "norm_eps": a.norm_eps,
+            "vocab_size": a.vocab_size,
+            "num_layers": a.n_layers,
+            "num_heads": a.n_heads,
+            "num_kv_heads": a.n_kv_heads,
+            "embed_dim": a.dim,
+            "max_seq_len": a.max_seq_len,
+            "intermediate_dim": a.hidden_dim,
+            "norm_eps": a.norm_eps,
         }
         if not lora:
             model["rope_base"] = a.rope_theta
@@ -307,8 +362,11 @@ def torchtune_model(cfg: RunConfig) -> dict[str, Any]:
             model["quantize_base"] = True
     if lora:
         model.update(
-            lora_attn_modules=list(cfg.lora.modules), apply_lora_to_mlp=cfg.lora.mlp,
-            apply_lora_to_output=cfg.lora.output, lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+            lora_attn_modules=list(cfg.lora.modules),
+            apply_lora_to_mlp=cfg.lora.mlp,
+            apply_lora_to_output=cfg.lora.output,
+            lora_rank=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
             lora_dropout=0.0,
         )
     return model
@@ -327,36 +385,54 @@ def torchtune_config(
         "output_dir": str(out),
         "tokenizer": tok,
         "dataset": {
-            "_component_": "torchtune.datasets.alpaca_dataset", "source": "json", "data_files": str(data),
-            "split": "train", "train_on_input": cfg.data == "uniform", "packed": False,
+            "_component_": "torchtune.datasets.alpaca_dataset",
+            "source": "json",
+            "data_files": str(data),
+            "split": "train",
+            "train_on_input": cfg.data == "uniform",
+            "packed": False,
         },
-        "seed": 42, "shuffle": False,
+        "seed": 42,
+        "shuffle": False,
         "model": torchtune_model(cfg),
         "checkpointer": {
-            "_component_": "torchtune.training.FullModelHFCheckpointer", "checkpoint_dir": str(ckpt),
-            "checkpoint_files": files, "recipe_checkpoint": None, "output_dir": str(out / "checkpoints"),
+            "_component_": "torchtune.training.FullModelHFCheckpointer",
+            "checkpoint_dir": str(ckpt),
+            "checkpoint_files": files,
+            "recipe_checkpoint": None,
+            "output_dir": str(out / "checkpoints"),
             "model_type": cfg.spec.torchtune_model_type,
         },
         "resume_from_checkpoint": False,
-        "batch_size": cfg.batch_size, "epochs": 1, "max_steps_per_epoch": cfg.total_steps,
+        "batch_size": cfg.batch_size,
+        "epochs": 1,
+        "max_steps_per_epoch": cfg.total_steps,
         "gradient_accumulation_steps": 1,
         "optimizer": {
-            "_component_": "torch.optim.AdamW", "lr": cfg.lr, "weight_decay": 0.01,
+            "_component_": "torch.optim.AdamW",
+            "lr": cfg.lr,
+            "weight_decay": 0.01,
             **({"fused": True} if on_gpu else {"foreach": True}),
         },
         "lr_scheduler": {
             "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
             "num_warmup_steps": 0,
         },
-        "optimizer_in_bwd": False, "clip_grad_norm": 1.0,
+        "optimizer_in_bwd": False,
+        "clip_grad_norm": 1.0,
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss", "num_output_chunks": 8},
-        "compile": False, "device": cfg.device, "dtype": cfg.dtype,
-        "enable_activation_checkpointing": cfg.activation_checkpointing, "enable_activation_offloading": False,
+        "compile": False,
+        "device": cfg.device,
+        "dtype": cfg.dtype,
+        "enable_activation_checkpointing": cfg.activation_checkpointing,
+        "enable_activation_offloading": False,
         "metric_logger": {
-            "_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs"),
+            "_component_": "torchtune.training.metric_logging.DiskLogger",
+            "log_dir": str(out / "logs"),
             "filename": "log.txt",
         },
-        "log_every_n_steps": 1, "log_peak_memory_stats": on_gpu,
+        "log_every_n_steps": 1,
+        "log_peak_memory_stats": on_gpu,
         "profiler": {"_component_": "torchtune.training.setup_torch_profiler", "enabled": False},
     }
     if cfg.is_lora:
@@ -368,5 +444,3 @@ def torchtune_config(
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-

@@ -38,9 +38,10 @@ How steps are timed
     after the optimizer step, logging excluded. Both log tokens/s rather than seconds, each with
     its own token count, so the benchmark turns it back into seconds with that library's count:
     ours divides the step's non-pad tokens, torchtune its trained labels (shifted labels: the
-    last position of a sample has none), both counted per step by the dataset check. The first `--warmup-steps` steps are excluded
-    (allocator warm-up, first-touch page faults, lazy init); one untimed step follows the timed
-    ones so the memory reading below cannot overlap the checkpoint write.
+    last position of a sample has none), both counted per step by the dataset check. The first
+    `--warmup-steps` steps are excluded (allocator warm-up, first-touch page faults, lazy init);
+    one untimed step follows the timed ones so the memory reading below cannot overlap the
+    checkpoint write.
 
 How memory is measured
     CPU: the training process's peak resident set (VmHWM in /proc/<pid>/status), read by the
@@ -83,15 +84,33 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import yaml
-
 from bench_cells import (
-    REPO_ROOT, SEED, LoraSpec, RunConfig, check_our_dataset, check_torchtune_dataset, model_spec, our_config,
-    prepare_tokenizer, torchtune_config, write_checkpoint, write_dataset, write_yaml,
+    REPO_ROOT,
+    SEED,
+    LoraSpec,
+    RunConfig,
+    check_our_dataset,
+    check_torchtune_dataset,
+    model_spec,
+    our_config,
+    prepare_tokenizer,
+    torchtune_config,
+    write_checkpoint,
+    write_dataset,
+    write_yaml,
 )
 from bench_report import append_docs, markdown_report, print_table, summarise
 from bench_runs import (
-    RunResult, StepCounts, StepLog, flops_per_token, machine_description, peak_matmul_flops, per_step, read_our_steps,
-    read_torchtune_steps, run_recipe,
+    RunResult,
+    StepCounts,
+    StepLog,
+    flops_per_token,
+    machine_description,
+    peak_matmul_flops,
+    per_step,
+    read_our_steps,
+    read_torchtune_steps,
+    run_recipe,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +119,9 @@ from bench_runs import (
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="tiny", choices=("tiny", "100m", "llama3_2_1b", "llama3_1_8b"))
     p.add_argument("--method", default="full", choices=("full", "lora", "qlora"))
     p.add_argument("--batch-size", type=int, default=4)
@@ -112,15 +133,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--activation-checkpointing", action="store_true", help="both libraries recompute each layer")
-    p.add_argument("--data", default="uniform", choices=("uniform", "instruct"),
-                   help="uniform: every sample seq_len tokens, all trained; instruct: varied lengths, prompt masked, padded batches")
+    p.add_argument(
+        "--data",
+        default="uniform",
+        choices=("uniform", "instruct"),
+        help="uniform: every sample seq_len tokens, all trained; "
+        "instruct: varied lengths, prompt masked, padded batches",
+    )
     p.add_argument("--threads", type=int, help="OMP/MKL threads for every training process (default: torch's)")
     p.add_argument("--torchtune-python", help="python of a venv with torchtune (benchmarks/setup_torchtune.sh)")
     p.add_argument("--skip-ours", action="store_true", help="only run torchtune")
-    p.add_argument("--baseline-tree", type=Path,
-                   help="also run our recipe from this source tree (an earlier revision's checkout), as 'baseline'")
-    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a what-if: override one of our recipe's keys (e.g. loss_chunks=1); repeatable")
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run our recipe from this source tree (an earlier revision's checkout), as 'baseline'",
+    )
+    p.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a what-if: override one of our recipe's keys (e.g. loss_chunks=1); repeatable",
+    )
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench")
     p.add_argument("--docs", type=Path, help="append a markdown section with the results to this file")
     p.add_argument("--json", type=Path, help="also write every run's numbers to this file")
@@ -161,14 +195,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bf16" if device == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
     spec = model_spec(args.model)
-    cfg = RunConfig(spec, args.method, args.batch_size, args.seq_len, args.warmup_steps, args.steps, device, dtype,
-                    LoraSpec(rank=args.lora_rank), args.activation_checkpointing, args.data)
+    cfg = RunConfig(
+        spec,
+        args.method,
+        args.batch_size,
+        args.seq_len,
+        args.warmup_steps,
+        args.steps,
+        device,
+        dtype,
+        LoraSpec(rank=args.lora_rank),
+        args.activation_checkpointing,
+        args.data,
+    )
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
 
     work = args.work_dir / spec.name
     work.mkdir(parents=True, exist_ok=True)
-    cell = work / (f"{cfg.method}_b{cfg.batch_size}_s{cfg.seq_len}_{cfg.data}" + ("_ac" if cfg.activation_checkpointing else "")
-                   + "".join(f"_{o}" for o in args.ours_set))
+    cell = work / (
+        f"{cfg.method}_b{cfg.batch_size}_s{cfg.seq_len}_{cfg.data}"
+        + ("_ac" if cfg.activation_checkpointing else "")
+        + "".join(f"_{o}" for o in args.ours_set)
+    )
     cell.mkdir(exist_ok=True)
     env = child_env(work, args.threads)
     if args.threads:
@@ -176,8 +224,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"preparing tokenizer, data and weights in {work}", flush=True)
     tokenizer = prepare_tokenizer(spec, work)
     data = cell / "train.jsonl"
-    write_dataset(data, num_records=cfg.batch_size * cfg.total_steps + cfg.batch_size, seq_len=cfg.seq_len, seed=SEED,
-                  kind=cfg.data)
+    write_dataset(
+        data,
+        num_records=cfg.batch_size * cfg.total_steps + cfg.batch_size,
+        seq_len=cfg.seq_len,
+        seed=SEED,
+        kind=cfg.data,
+    )
     ckpt = work / f"checkpoint_{dtype}"
     files = write_checkpoint(spec, tokenizer, ckpt, torch_dtype, device)
 
@@ -192,16 +245,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         readers["ours"] = lambda out: read_our_steps(out / "metrics.jsonl")
         counts["ours"] = StepCounts(non_pad=lengths, logged=lengths)
     if args.baseline_tree and "ours" in commands:  # the same recipe and data, the other revision's code
-        commands["baseline"], readers["baseline"], counts["baseline"] = commands["ours"], readers["ours"], counts["ours"]
+        commands["baseline"], readers["baseline"], counts["baseline"] = (
+            commands["ours"],
+            readers["ours"],
+            counts["ours"],
+        )
         envs["baseline"] = {**env, "PYTHONPATH": str(args.baseline_tree.resolve()) + os.pathsep + env["PYTHONPATH"]}
     if args.torchtune_python:
-        tt_probe = write_yaml(cell / "torchtune_probe.yaml", torchtune_config(cfg, ckpt, files, tokenizer, data, cell / "probe"))
+        tt_probe = write_yaml(
+            cell / "torchtune_probe.yaml", torchtune_config(cfg, ckpt, files, tokenizer, data, cell / "probe")
+        )
         tt_lengths, tt_trained = check_torchtune_dataset(cfg, args.torchtune_python, tt_probe, env)
         recipe = "lora_finetune_single_device" if cfg.is_lora else "full_finetune_single_device"
         commands["torchtune"] = [args.torchtune_python, "-m", "torchtune._cli.tune", "run", recipe, "--config"]
         readers["torchtune"] = lambda out: read_torchtune_steps(out / "logs" / "log.txt")
-        counts["torchtune"] = StepCounts(non_pad=per_step(tt_lengths, cfg.batch_size, cfg.total_steps),
-                                         logged=per_step(tt_trained, cfg.batch_size, cfg.total_steps))
+        counts["torchtune"] = StepCounts(
+            non_pad=per_step(tt_lengths, cfg.batch_size, cfg.total_steps),
+            logged=per_step(tt_trained, cfg.batch_size, cfg.total_steps),
+        )
     if not commands:
         raise SystemExit("error: nothing to run: pass --torchtune-python or drop --skip-ours")
 
@@ -218,42 +279,70 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             out.mkdir()
             ours = library in ("ours", "baseline")
-            make = our_config if ours else (
-                lambda c, k, t, d, o: torchtune_config(c, k, files, t, d, o))
+            make = our_config if ours else (lambda c, k, t, d, o: torchtune_config(c, k, files, t, d, o))
             config = make(cfg, ckpt, tokenizer, data, out)
             if ours:
                 config.update(parse_overrides(args.ours_set))
             config_path = write_yaml(out / "config.yaml", config)
             reader = readers[library]
             result = run_recipe(
-                library, repeat, [*cmd, str(config_path)], envs.get(library, env), out / "stdout.log",
-                lambda reader=reader, out=out: reader(out), cfg, counts[library],
+                library,
+                repeat,
+                [*cmd, str(config_path)],
+                envs.get(library, env),
+                out / "stdout.log",
+                lambda reader=reader, out=out: reader(out),
+                cfg,
+                counts[library],
             )
             results.append(result)
             remove_saved_weights(out)
-            print(f"  {library} run {repeat}: {result.tokens_per_second:,.0f} tokens/s, "
-                  f"step times {', '.join(f'{t:.3f}' for t in result.step_times_s)} s, "
-                  f"peak {result.peak_memory_gb:.3f} GiB, wall {result.wall_s:.1f} s", flush=True)
+            print(
+                f"  {library} run {repeat}: {result.tokens_per_second:,.0f} tokens/s, "
+                f"step times {', '.join(f'{t:.3f}' for t in result.step_times_s)} s, "
+                f"peak {result.peak_memory_gb:.3f} GiB, wall {result.wall_s:.1f} s",
+                flush=True,
+            )
 
     # Other jobs can depress one measurement: the better of two, before and after, is the peak.
     peak_flops = max(peak_before, peak_matmul_flops(device, torch_dtype))
     summaries = summarise(results, cfg, peak_flops)
     print_table(summaries)
-    command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(REPO_ROOT)
-                                                              if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
-                                                             *(sys.argv[1:] if argv is None else argv)])
-    report = markdown_report(cfg, summaries, command, machine, peak_flops, (load_before, os.getloadavg()[0]),
-                             args.ours_set)
+    command = "python " + " ".join(
+        shlex.quote(a)
+        for a in [
+            str(Path(sys.argv[0]).relative_to(REPO_ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    report = markdown_report(
+        cfg, summaries, command, machine, peak_flops, (load_before, os.getloadavg()[0]), args.ours_set
+    )
     if args.docs:
         append_docs(args.docs, report)
         print(f"appended results to {args.docs}")
     if args.json:
-        args.json.write_text(json.dumps({
-            "config": {"model": spec.name, "method": cfg.method, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                       "warmup_steps": cfg.warmup_steps, "timed_steps": cfg.timed_steps, "device": device, "dtype": dtype},
-            "machine": machine, "peak_flops": peak_flops, "flops_per_token": flops_per_token(cfg),
-            "runs": [dataclasses.asdict(r) for r in results],
-        }, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": {
+                        "model": spec.name,
+                        "method": cfg.method,
+                        "batch_size": cfg.batch_size,
+                        "seq_len": cfg.seq_len,
+                        "warmup_steps": cfg.warmup_steps,
+                        "timed_steps": cfg.timed_steps,
+                        "device": device,
+                        "dtype": dtype,
+                    },
+                    "machine": machine,
+                    "peak_flops": peak_flops,
+                    "flops_per_token": flops_per_token(cfg),
+                    "runs": [dataclasses.asdict(r) for r in results],
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

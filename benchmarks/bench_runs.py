@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-
 from bench_cells import REPO_ROOT, RunConfig
+
 from finetune.models import ModelArgs
 
 POLL_S = 0.2  # the untimed tail step lasts far longer than this
@@ -44,7 +44,9 @@ def read_our_steps(metrics: Path) -> list[StepLog]:
         except json.JSONDecodeError:
             continue  # a line being written right now
         if "tokens_per_second" in record:
-            steps.append(StepLog(record["step"], record["tokens_per_second"], record["loss"], record.get("peak_memory_gb")))
+            steps.append(
+                StepLog(record["step"], record["tokens_per_second"], record["loss"], record.get("peak_memory_gb"))
+            )
     return steps
 
 
@@ -61,8 +63,14 @@ def read_torchtune_steps(log: Path) -> list[StepLog]:
         step = int(line.split()[1])
         fields = {k: float(v) for k, v in _TT_FIELD.findall(line.split("|", 1)[1])}
         if "tokens_per_second_per_gpu" in fields:
-            steps.append(StepLog(step, fields["tokens_per_second_per_gpu"], fields.get("loss", float("nan")),
-                                 fields.get("peak_memory_alloc")))
+            steps.append(
+                StepLog(
+                    step,
+                    fields["tokens_per_second_per_gpu"],
+                    fields.get("loss", float("nan")),
+                    fields.get("peak_memory_alloc"),
+                )
+            )
     return steps
 
 
@@ -104,12 +112,18 @@ def per_step(sample_counts: Sequence[int], batch_size: int, steps: int) -> list[
     """Sum per-sample counts into per-step counts: no shuffling, so step k takes samples k*b .. k*b+b-1."""
     if len(sample_counts) < batch_size * steps:
         raise SystemExit(f"error: {len(sample_counts)} samples cannot fill {steps} steps of {batch_size}")
-    return [sum(sample_counts[k * batch_size:(k + 1) * batch_size]) for k in range(steps)]
+    return [sum(sample_counts[k * batch_size : (k + 1) * batch_size]) for k in range(steps)]
 
 
 def run_recipe(
-    library: str, repeat: int, cmd: list[str], env: dict[str, str], log_file: Path,
-    read_steps: Callable[[], list[StepLog]], cfg: RunConfig, counts: "StepCounts",
+    library: str,
+    repeat: int,
+    cmd: list[str],
+    env: dict[str, str],
+    log_file: Path,
+    read_steps: Callable[[], list[StepLog]],
+    cfg: RunConfig,
+    counts: "StepCounts",
 ) -> RunResult:
     """Run one training process; watch its log to read its peak memory at the end of the timed steps."""
     last_timed = cfg.warmup_steps + cfg.timed_steps
@@ -135,8 +149,10 @@ def run_recipe(
     if len(timed) != cfg.timed_steps:
         raise SystemExit(f"error: {library} logged {len(steps)} steps, expected {cfg.total_steps}; see {log_file}")
     if any(s.tokens_per_second <= 0 for s in steps):
-        raise SystemExit(f"error: {library} logged a step with no tokens (every label masked?), so its time cannot be "
-                         "recovered; use a longer --seq-len or --data uniform")
+        raise SystemExit(
+            f"error: {library} logged a step with no tokens (every label masked?), so its time cannot be "
+            "recovered; use a longer --seq-len or --data uniform"
+        )
     step_times = [counts.logged[s.step - 1] / s.tokens_per_second for s in timed]
     step_tokens = [counts.non_pad[s.step - 1] for s in timed]
     # torchtune resets CUDA peak stats every step, ours keeps a running max: the max over the
@@ -148,11 +164,17 @@ def run_recipe(
     else:
         peak = (hwm_kib or 0) / 2**20
     return RunResult(
-        library=library, repeat=repeat, step_times_s=step_times, step_tokens=step_tokens,
+        library=library,
+        repeat=repeat,
+        step_times_s=step_times,
+        step_tokens=step_tokens,
         tokens_per_second=sum(step_tokens) / sum(step_times),
-        peak_memory_gb=peak, process_peak_rss_gb=usage.ru_maxrss / 2**20, wall_s=wall,
+        peak_memory_gb=peak,
+        process_peak_rss_gb=usage.ru_maxrss / 2**20,
+        wall_s=wall,
         outside_steps_s=wall - sum(counts.logged[s.step - 1] / s.tokens_per_second for s in steps),
-        first_loss=steps[0].loss, self_reported_peak_gb=logged_peak,
+        first_loss=steps[0].loss,
+        self_reported_peak_gb=logged_peak,
     )
 
 
@@ -177,8 +199,12 @@ def total_params(args: ModelArgs) -> int:
 
 def lora_params(cfg: RunConfig) -> int:
     a, r = cfg.spec.args, cfg.lora.rank
-    out_dims = {"q_proj": a.n_heads * a.head_dim, "k_proj": a.n_kv_heads * a.head_dim,
-                "v_proj": a.n_kv_heads * a.head_dim, "output_proj": a.dim}
+    out_dims = {
+        "q_proj": a.n_heads * a.head_dim,
+        "k_proj": a.n_kv_heads * a.head_dim,
+        "v_proj": a.n_kv_heads * a.head_dim,
+        "output_proj": a.dim,
+    }
     in_dims = {"q_proj": a.dim, "k_proj": a.dim, "v_proj": a.dim, "output_proj": a.n_heads * a.head_dim}
     per_layer = sum(r * (in_dims[m] + out_dims[m]) for m in cfg.lora.modules)
     if cfg.lora.mlp:
@@ -222,10 +248,10 @@ def machine_description(device: str) -> str:
                 break
     except FileNotFoundError:
         model = platform.processor() or model
-    text = (f"{os.cpu_count()} CPU cores ({model}), torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads, Python {platform.python_version()}")
+    text = (
+        f"{os.cpu_count()} CPU cores ({model}), torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
     if device == "cuda":
         text += f", GPU {torch.cuda.get_device_name()}"
     return text
-
-

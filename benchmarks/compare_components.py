@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import bench_cells as bench  # noqa: E402
+
 from finetune.checkpointing import load_state_dict  # noqa: E402
 from finetune.models import TransformerDecoder  # noqa: E402
 from finetune.models.rope import apply_rotary  # noqa: E402
@@ -79,9 +80,17 @@ def build_models(spec: bench.ModelSpec, ckpt: Path) -> tuple[TransformerDecoder,
     ours.load_state_dict(load_state_dict(ckpt, a, checkpoint_format="hf", dtype=torch.float32), assign=True)
     ours.tie_weights()
     ours.init_rope(torch.device("cpu"))
-    theirs = llama2(vocab_size=a.vocab_size, num_layers=a.n_layers, num_heads=a.n_heads, num_kv_heads=a.n_kv_heads,
-                    embed_dim=a.dim, max_seq_len=a.max_seq_len, intermediate_dim=a.hidden_dim, norm_eps=a.norm_eps,
-                    rope_base=a.rope_theta)
+    theirs = llama2(
+        vocab_size=a.vocab_size,
+        num_layers=a.n_layers,
+        num_heads=a.n_heads,
+        num_kv_heads=a.n_kv_heads,
+        embed_dim=a.dim,
+        max_seq_len=a.max_seq_len,
+        intermediate_dim=a.hidden_dim,
+        norm_eps=a.norm_eps,
+        rope_base=a.rope_theta,
+    )
     hf = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         hf.update(load_file(f))
@@ -90,9 +99,16 @@ def build_models(spec: bench.ModelSpec, ckpt: Path) -> tuple[TransformerDecoder,
 
 
 def report(title: str, rows: dict[str, dict[str, float]]) -> list[str]:
-    lines = [f"{title}", "", "| block (forward + backward) | ours ms | torchtune ms | ours / torchtune |", "|---|---:|---:|---:|"]
+    lines = [
+        f"{title}",
+        "",
+        "| block (forward + backward) | ours ms | torchtune ms | ours / torchtune |",
+        "|---|---:|---:|---:|",
+    ]
     for block, t in rows.items():
-        lines.append(f"| {block} | {1e3 * t['ours']:.1f} | {1e3 * t['torchtune']:.1f} | {t['ours'] / t['torchtune']:.2f} |")
+        lines.append(
+            f"| {block} | {1e3 * t['ours']:.1f} | {1e3 * t['torchtune']:.1f} | {t['ours'] / t['torchtune']:.2f} |"
+        )
     return lines
 
 
@@ -139,7 +155,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows: dict[str, dict[str, float]] = {}
     rows["whole model + chunked loss"] = interleave(
-        {"ours": fwd_bwd(ours_model, ours_params), "torchtune": fwd_bwd(theirs_model, theirs_params)}, args.rounds)
+        {"ours": fwd_bwd(ours_model, ours_params), "torchtune": fwd_bwd(theirs_model, theirs_params)}, args.rounds
+    )
 
     # ---- blocks of one layer, on activations of the right shape ----
     x = torch.randn(b, s, a.dim, requires_grad=True)
@@ -150,30 +167,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return ol(x, ours.rope(positions, x.dtype))
 
     rows["decoder layer (ours incl. its rope tables)"] = interleave(
-        {"ours": fwd_bwd(ours_layer, [x, *ol.parameters()]), "torchtune": fwd_bwd(lambda: tl(x), [x, *tl.parameters()])},
-        args.rounds)
+        {
+            "ours": fwd_bwd(ours_layer, [x, *ol.parameters()]),
+            "torchtune": fwd_bwd(lambda: tl(x), [x, *tl.parameters()]),
+        },
+        args.rounds,
+    )
     rows["attention (projections, rope, SDPA)"] = interleave(
-        {"ours": fwd_bwd(lambda: ol.attn(x, ours.rope(positions, x.dtype)), [x, *ol.attn.parameters()]),
-         "torchtune": fwd_bwd(lambda: tl.attn(x, x), [x, *tl.attn.parameters()])}, args.rounds)
+        {
+            "ours": fwd_bwd(lambda: ol.attn(x, ours.rope(positions, x.dtype)), [x, *ol.attn.parameters()]),
+            "torchtune": fwd_bwd(lambda: tl.attn(x, x), [x, *tl.attn.parameters()]),
+        },
+        args.rounds,
+    )
     rows["MLP (SwiGLU)"] = interleave(
-        {"ours": fwd_bwd(lambda: ol.mlp(x), [x, *ol.mlp.parameters()]),
-         "torchtune": fwd_bwd(lambda: tl.mlp(x), [x, *tl.mlp.parameters()])}, args.rounds)
+        {
+            "ours": fwd_bwd(lambda: ol.mlp(x), [x, *ol.mlp.parameters()]),
+            "torchtune": fwd_bwd(lambda: tl.mlp(x), [x, *tl.mlp.parameters()]),
+        },
+        args.rounds,
+    )
     rows["RMSNorm"] = interleave(
-        {"ours": fwd_bwd(lambda: ol.sa_norm(x), [x, *ol.sa_norm.parameters()]),
-         "torchtune": fwd_bwd(lambda: tl.sa_norm(x), [x, *tl.sa_norm.parameters()])}, args.rounds * 3)
+        {
+            "ours": fwd_bwd(lambda: ol.sa_norm(x), [x, *ol.sa_norm.parameters()]),
+            "torchtune": fwd_bwd(lambda: tl.sa_norm(x), [x, *tl.sa_norm.parameters()]),
+        },
+        args.rounds * 3,
+    )
     q = torch.randn(b, a.n_heads, s, a.head_dim, requires_grad=True)
     q_tt = q.detach().transpose(1, 2).contiguous().requires_grad_(True)
     rows["RoPE on q (tables included)"] = interleave(
-        {"ours": fwd_bwd(lambda: apply_rotary(q, *ours.rope(positions, q.dtype)), [q]),
-         "torchtune": fwd_bwd(lambda: tl.attn.pos_embeddings(q_tt), [q_tt])}, args.rounds * 3)
+        {
+            "ours": fwd_bwd(lambda: apply_rotary(q, *ours.rope(positions, q.dtype)), [q]),
+            "torchtune": fwd_bwd(lambda: tl.attn.pos_embeddings(q_tt), [q_tt]),
+        },
+        args.rounds * 3,
+    )
     h = torch.randn(b, s, a.dim, requires_grad=True)
     rows["output head + chunked cross-entropy"] = interleave(
-        {"ours": fwd_bwd(lambda: chunked_cross_entropy(h, ours.output, labels, num_chunks=8) / n_tokens,
-                         [h, *ours.output.parameters()]),
-         "torchtune": fwd_bwd(lambda: tt_loss([theirs.output(c) for c in h.chunk(8, dim=1)], labels),
-                              [h, *theirs.output.parameters()])}, args.rounds)
-    lines = report(f"Blocks, {spec.name}, batch {b} x seq {s}, fp32, {torch.get_num_threads()} threads, median of "
-                   f"{args.rounds} interleaved calls (RMSNorm, RoPE: {3 * args.rounds})", rows)
+        {
+            "ours": fwd_bwd(
+                lambda: chunked_cross_entropy(h, ours.output, labels, num_chunks=8) / n_tokens,
+                [h, *ours.output.parameters()],
+            ),
+            "torchtune": fwd_bwd(
+                lambda: tt_loss([theirs.output(c) for c in h.chunk(8, dim=1)], labels), [h, *theirs.output.parameters()]
+            ),
+        },
+        args.rounds,
+    )
+    lines = report(
+        f"Blocks, {spec.name}, batch {b} x seq {s}, fp32, {torch.get_num_threads()} threads, median of "
+        f"{args.rounds} interleaved calls (RMSNorm, RoPE: {3 * args.rounds})",
+        rows,
+    )
 
     # ---- optimizer step and clipping over the whole model's parameters ----
     for prm in ours_params:
@@ -182,13 +229,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     optimizers = {name: torch.optim.AdamW(ours_params, lr=1e-5, weight_decay=0.01, **kw) for name, kw in impls.items()}
     # Each optimizer holds its own state; steps alternate between them on the same tensors.
     opt_times = interleave({name: opt.step for name, opt in optimizers.items()}, args.rounds)
-    clip_times = interleave({
-        "clip_grad_norm_ (foreach)": lambda: torch.nn.utils.clip_grad_norm_(ours_params, 1.0, foreach=True),
-        "scale grads (torchtune loop) + clip": lambda: (_scale_grads(ours_params), torch.nn.utils.clip_grad_norm_(ours_params, 1.0, foreach=True)),
-    }, args.rounds)
-    lines += ["", f"AdamW step over all {sum(p.numel() for p in ours_params) / 1e6:.0f}M parameters "
-              "(median ms; ours and torchtune's configs both use foreach):", "",
-              "| implementation | ms |", "|---|---:|"]
+    clip_times = interleave(
+        {
+            "clip_grad_norm_ (foreach)": lambda: torch.nn.utils.clip_grad_norm_(ours_params, 1.0, foreach=True),
+            "scale grads (torchtune loop) + clip": lambda: (
+                _scale_grads(ours_params),
+                torch.nn.utils.clip_grad_norm_(ours_params, 1.0, foreach=True),
+            ),
+        },
+        args.rounds,
+    )
+    lines += [
+        "",
+        f"AdamW step over all {sum(p.numel() for p in ours_params) / 1e6:.0f}M parameters "
+        "(median ms; ours and torchtune's configs both use foreach):",
+        "",
+        "| implementation | ms |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {1e3 * t:.0f} |" for name, t in opt_times.items()]
     lines += [f"| {name} | {1e3 * t:.0f} |" for name, t in clip_times.items()]
     if args.ideas:
@@ -222,25 +280,36 @@ def speedup_candidates(
     candidates = {
         "output head + CE, all labels trained: 8 chunks (now) vs 1 chunk": (
             fwd_bwd(lambda: chunked_cross_entropy(h, ours.output, labels, num_chunks=8), head),
-            fwd_bwd(lambda: chunked_cross_entropy(h, ours.output, labels, num_chunks=1), head)),
+            fwd_bwd(lambda: chunked_cross_entropy(h, ours.output, labels, num_chunks=1), head),
+        ),
         "output head + CE, half the labels ignored: 8 chunks (now) vs head on trained rows only": (
             fwd_bwd(lambda: chunked_cross_entropy(h, ours.output, half_masked, num_chunks=8), head),
-            fwd_bwd(lambda: head_on_trained_rows(half_masked), head)),
+            fwd_bwd(lambda: head_on_trained_rows(half_masked), head),
+        ),
         "RMSNorm: ours (pow/mean/rsqrt) vs F.rms_norm": (
             fwd_bwd(lambda: layer.sa_norm(x), [x, norm_weight]),
-            fwd_bwd(lambda: F.rms_norm(x, (a.dim,), norm_weight, layer.sa_norm.eps), [x, norm_weight])),
+            fwd_bwd(lambda: F.rms_norm(x, (a.dim,), norm_weight, layer.sa_norm.eps), [x, norm_weight]),
+        ),
         "q, k, v: three matmuls (now) vs one fused weight": (
             fwd_bwd(lambda: torch.cat([F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)], -1), [x, wq, wk, wv]),
-            fwd_bwd(lambda: F.linear(x, w_qkv), [x, w_qkv])),
+            fwd_bwd(lambda: F.linear(x, w_qkv), [x, w_qkv]),
+        ),
         "SwiGLU gate and up: two matmuls (now) vs one fused weight": (
             fwd_bwd(lambda: F.silu(F.linear(x, w1)) * F.linear(x, w3), [x, w1, w3]),
-            fwd_bwd(lambda: _swiglu_fused(x, w13), [x, w13])),
+            fwd_bwd(lambda: _swiglu_fused(x, w13), [x, w13]),
+        ),
     }
-    lines = ["Candidate speed-ups for our step (median ms, forward + backward, interleaved):", "",
-             "| change | now ms | candidate ms | saving per call |", "|---|---:|---:|---:|"]
+    lines = [
+        "Candidate speed-ups for our step (median ms, forward + backward, interleaved):",
+        "",
+        "| change | now ms | candidate ms | saving per call |",
+        "|---|---:|---:|---:|",
+    ]
     for name, (now, candidate) in candidates.items():
         t = interleave({"now": now, "candidate": candidate}, rounds)
-        lines.append(f"| {name} | {1e3 * t['now']:.1f} | {1e3 * t['candidate']:.1f} | {1e3 * (t['now'] - t['candidate']):.1f} |")
+        lines.append(
+            f"| {name} | {1e3 * t['now']:.1f} | {1e3 * t['candidate']:.1f} | {1e3 * (t['now'] - t['candidate']):.1f} |"
+        )
     return lines
 
 

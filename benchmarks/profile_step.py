@@ -30,24 +30,79 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Ops are matched by substring, first rule wins; the order puts specific names before generic ones.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
-    ("optimizer (AdamW, foreach)", ("_foreach_add", "_foreach_mul", "_foreach_lerp", "_foreach_addcmul",
-                                    "_foreach_addcdiv", "_foreach_sqrt", "_foreach_div", "_foreach_sub",
-                                    "_foreach_maximum", "_foreach_pow", "_foreach_neg", "_fused_adamw")),
+    (
+        "optimizer (AdamW, foreach)",
+        (
+            "_foreach_add",
+            "_foreach_mul",
+            "_foreach_lerp",
+            "_foreach_addcmul",
+            "_foreach_addcdiv",
+            "_foreach_sqrt",
+            "_foreach_div",
+            "_foreach_sub",
+            "_foreach_maximum",
+            "_foreach_pow",
+            "_foreach_neg",
+            "_fused_adamw",
+        ),
+    ),
     ("grad-norm clipping", ("_foreach_norm", "linalg_vector_norm", "aten::clamp")),
     ("matmul forward+backward (mm/addmm/bmm)", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("attention (SDPA fwd+bwd)", ("scaled_dot_product", "flash_attention")),
     ("cross-entropy (log_softmax, nll)", ("log_softmax", "nll_loss", "cross_entropy")),
     ("embedding fwd+bwd", ("embedding",)),
     ("SiLU / SwiGLU", ("silu",)),
-    ("copies, casts, layout", ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy",
-                               "aten::to", "aten::cat", "aten::stack", "aten::reshape", "aten::_unsafe_view")),
-    ("allocation / zeroing", ("aten::empty", "aten::zero_", "aten::fill_", "aten::zeros", "aten::ones", "aten::full",
-                              "aten::resize_", "aten::new_")),
+    (
+        "copies, casts, layout",
+        (
+            "aten::copy_",
+            "aten::clone",
+            "aten::contiguous",
+            "aten::_to_copy",
+            "aten::to",
+            "aten::cat",
+            "aten::stack",
+            "aten::reshape",
+            "aten::_unsafe_view",
+        ),
+    ),
+    (
+        "allocation / zeroing",
+        (
+            "aten::empty",
+            "aten::zero_",
+            "aten::fill_",
+            "aten::zeros",
+            "aten::ones",
+            "aten::full",
+            "aten::resize_",
+            "aten::new_",
+        ),
+    ),
     ("autograd engine bookkeeping", ("autograd::engine", "Backward")),
-    ("elementwise (norm, rope, residual, ...)", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt",
-                                                  "aten::neg", "aten::sum", "aten::div", "aten::sub", "aten::cos",
-                                                  "aten::sin", "aten::where", "aten::ne", "aten::eq", "aten::masked",
-                                                  "aten::sqrt", "aten::exp")),
+    (
+        "elementwise (norm, rope, residual, ...)",
+        (
+            "aten::mul",
+            "aten::add",
+            "aten::pow",
+            "aten::mean",
+            "aten::rsqrt",
+            "aten::neg",
+            "aten::sum",
+            "aten::div",
+            "aten::sub",
+            "aten::cos",
+            "aten::sin",
+            "aten::where",
+            "aten::ne",
+            "aten::eq",
+            "aten::masked",
+            "aten::sqrt",
+            "aten::exp",
+        ),
+    ),
 ]
 STEP_PREFIX = "ProfilerStep"
 # Labelled ranges torch records around optimizer and DataLoader calls. On CPU, foreach AdamW
@@ -79,17 +134,28 @@ def make_profiler(out_json: Path, wait: int, active: int, meta: dict[str, Any]) 
                 calls[event.key] = calls.get(event.key, 0) + event.count
                 if event.key.startswith(RANGE_PREFIXES):
                     ranges[event.key] = ranges.get(event.key, 0.0) + event.cpu_time_total
-        out_json.write_text(json.dumps({
-            **meta, "active_steps": active, "step_ms": step_us / active / 1e3,
-            "ops_ms": {k: v / active / 1e3 for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
-            "calls_per_step": {k: calls[k] / active for k in sorted(ops, key=lambda k: -ops[k])},
-            "ranges_ms": {k: v / active / 1e3 for k, v in ranges.items()},
-        }, indent=1))
+        out_json.write_text(
+            json.dumps(
+                {
+                    **meta,
+                    "active_steps": active,
+                    "step_ms": step_us / active / 1e3,
+                    "ops_ms": {k: v / active / 1e3 for k, v in sorted(ops.items(), key=lambda kv: -kv[1])},
+                    "calls_per_step": {k: calls[k] / active for k in sorted(ops, key=lambda k: -ops[k])},
+                    "ranges_ms": {k: v / active / 1e3 for k, v in ranges.items()},
+                },
+                indent=1,
+            )
+        )
         print(f"wrote {out_json}", file=sys.stderr)
 
     return profile(
-        activities=[ProfilerActivity.CPU], schedule=schedule(wait=wait, warmup=1, active=active, repeat=1),
-        on_trace_ready=write, record_shapes=False, profile_memory=False, with_stack=False,
+        activities=[ProfilerActivity.CPU],
+        schedule=schedule(wait=wait, warmup=1, active=active, repeat=1),
+        on_trace_ready=write,
+        record_shapes=False,
+        profile_memory=False,
+        with_stack=False,
     )
 
 
@@ -113,17 +179,21 @@ def profile_ours(config: Path, out_json: Path, wait: int, active: int) -> None:
 
 
 def profile_torchtune(config: Path, out_json: Path, wait: int, active: int) -> None:
-    from omegaconf import OmegaConf
-
     import torchtune.training
+    from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(config)
     method = "lora" if "lora" in cfg.model._component_ else "full"
     meta = {"library": "torchtune", "method": method}
 
     def replacement(**_: Any) -> tuple[profile, Any]:
-        settings = {"enabled": True, "profile_memory": False, "wait_steps": wait, "warmup_steps": 1,
-                    "active_steps": active}
+        settings = {
+            "enabled": True,
+            "profile_memory": False,
+            "wait_steps": wait,
+            "warmup_steps": 1,
+            "active_steps": active,
+        }
         return make_profiler(out_json, wait, active, meta), OmegaConf.create(settings)
 
     torchtune.training.setup_torch_profiler = replacement
@@ -157,8 +227,14 @@ def compare(paths: Sequence[Path], top: int = 25) -> str:
         lines.append(f"| {c} | " + " | ".join(f"{t.get(c, 0.0):.1f}" for t in by_category) + " |")
     labels = sorted({k for r in runs for k in r.get("ranges_ms", {})})
     if labels:
-        lines += ["", "Labelled ranges, total time including the ops inside them (the elementwise row above "
-                  "includes the optimizer's per-tensor ops on CPU):", "", header.replace("ms per step", "range, ms per step"), rule]
+        lines += [
+            "",
+            "Labelled ranges, total time including the ops inside them (the elementwise row above "
+            "includes the optimizer's per-tensor ops on CPU):",
+            "",
+            header.replace("ms per step", "range, ms per step"),
+            rule,
+        ]
         for k in labels:
             lines.append(f"| `{k}` | " + " | ".join(f"{r.get('ranges_ms', {}).get(k, 0.0):.1f}" for r in runs) + " |")
     ops = sorted({op for r in runs for op in r["ops_ms"]}, key=lambda op: -max(r["ops_ms"].get(op, 0.0) for r in runs))
@@ -182,7 +258,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("give CONFIG.yaml OUT.json")
     config, out_json = args.paths
     torch.manual_seed(0)
-    (profile_ours if args.what == "ours" else profile_torchtune)(config.resolve(), out_json.resolve(), args.wait, args.active)
+    (profile_ours if args.what == "ours" else profile_torchtune)(
+        config.resolve(), out_json.resolve(), args.wait, args.active
+    )
     return 0
 
 

@@ -75,7 +75,8 @@ def to_nf4(tensor: torch.Tensor, block_size: int = 64, scaler_block_size: int = 
     if tensor.numel() % block_size != 0:
         raise UserError(
             f"cannot quantize a weight of shape {list(tensor.shape)} to NF4: its {tensor.numel()} elements are not a "
-            f"multiple of the block size {block_size}; leave this layer unquantized or use a model with rounder dimensions"
+            f"multiple of the block size {block_size}; "
+            "leave this layer unquantized or use a model with rounder dimensions"
         )
     n_blocks = tensor.numel() // block_size
     scaler_block_size = _largest_divisor_at_most(n_blocks, scaler_block_size)
@@ -144,8 +145,11 @@ def hf_quantization_config(config) -> dict:
     flattened safetensors of `config`'s scheme (its torchao quantizer, `quant_method` torchao)."""
     core = _import("torchao.core.config", "quantization")
     return {
-        "quant_method": "torchao", "quant_type": {"default": core.config_to_dict(config)},
-        "modules_to_not_convert": None, "include_input_output_embeddings": False, "untie_embedding_weights": False,
+        "quant_method": "torchao",
+        "quant_type": {"default": core.config_to_dict(config)},
+        "modules_to_not_convert": None,
+        "include_input_output_embeddings": False,
+        "untie_embedding_weights": False,
     }
 
 
@@ -220,12 +224,20 @@ def int4_group_grid(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int4 scale and zero point for each row of `group` [N, g]: both [N, 1]."""
     primitives = _import("torchao.quantization.quant_primitives", "scheme=gptq_int4")
     return primitives.choose_qparams_affine(
-        group, _import(_QUANT, "scheme=gptq_int4").MappingType.ASYMMETRIC, (1, group.shape[1]),
-        target_dtype=torch.int8, quant_min=_INT4_MIN, quant_max=_INT4_MAX, zero_point_dtype=torch.int8, keepdim=True,
+        group,
+        _import(_QUANT, "scheme=gptq_int4").MappingType.ASYMMETRIC,
+        (1, group.shape[1]),
+        target_dtype=torch.int8,
+        quant_min=_INT4_MIN,
+        quant_max=_INT4_MAX,
+        zero_point_dtype=torch.int8,
+        keepdim=True,
     )
 
 
-def int4_round(column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int4_round(
+    column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(int4 codes as int8, their dequantized values) of `column` [N, 1] on the grid (scale, zero_point)."""
     primitives = _import("torchao.quantization.quant_primitives", "scheme=gptq_int4")
     codes = primitives.quantize_affine(column, (1, 1), scale, zero_point, torch.int8, _INT4_MIN, _INT4_MAX)
@@ -235,10 +247,17 @@ def int4_round(column: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return codes, values
 
 
-def int4_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def int4_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """torchao's int4 weight (the CPU int4_weight_only layout) from codes [N, K] and per-group grids [N, K/g]."""
     q = _import(_QUANT, "scheme=gptq_int4")
     return q.IntxUnpackedToInt8Tensor(
-        qdata=codes, scale=scale.to(dtype), zero_point=zero_point, target_dtype=torch.int4,
-        block_size=(1, group_size), dtype=dtype, activation_quantization=None,
+        qdata=codes,
+        scale=scale.to(dtype),
+        zero_point=zero_point,
+        target_dtype=torch.int4,
+        block_size=(1, group_size),
+        dtype=dtype,
+        activation_quantization=None,
     )

@@ -92,15 +92,19 @@ def load_inference_model(setup: InferenceSetup, adapter_dir: Optional[str], log:
     # The adapter is checked against the architecture before any base weight is read.
     adapter = (
         load_peft_adapter(resolve_path(adapter_dir), setup.model_args, base_dir=setup.checkpoint_dir)
-        if adapter_dir else None
+        if adapter_dir
+        else None
     )
     if setup.quantization is not None:
         # A quantized model computes in the dtype it was quantized in.
         model, _ = load_quantized_model(setup.checkpoint_dir, device=setup.device, args=setup.model_args)
     else:
         model, _ = load_model(
-            setup.checkpoint_dir, setup.model_args, checkpoint_format=setup.checkpoint_format,
-            device=setup.device, dtype=setup.dtype,
+            setup.checkpoint_dir,
+            setup.model_args,
+            checkpoint_format=setup.checkpoint_format,
+            device=setup.device,
+            dtype=setup.dtype,
         )
     if adapter is not None:
         weights, config = adapter

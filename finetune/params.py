@@ -53,7 +53,7 @@ def param(default: Any, help: str, hint: str = "") -> Any:
 def resolve_path(path: str) -> Path:
     """Turn a path from params into a real path: `pkg:...` is relative to the package."""
     if path.startswith(PACKAGE_PREFIX):
-        return Path(__file__).parent / path[len(PACKAGE_PREFIX):]
+        return Path(__file__).parent / path[len(PACKAGE_PREFIX) :]
     return Path(path).expanduser()
 
 
@@ -66,9 +66,7 @@ def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(
-            f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}{hint}"
-        )
+        raise UserError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}{hint}")
 
 
 def _check_field_types(params: Any) -> None:
@@ -90,14 +88,19 @@ def _check_field_types(params: Any) -> None:
         except UserError as e:
             raise UserError(f"{e}{hint}") from None
         if not matches_type(value, expected):
-            raise UserError(
-                f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}"
-            )
+            raise UserError(f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}")
 
 
 # Fields naming local files or folders a run reads, which `tune validate` looks for.
-_PATH_KEYS = ("checkpoint_dir", "tokenizer_path", "adapter_dir", "dataset", "eval_dataset", "calibration_dataset",
-              "prompt_file")
+_PATH_KEYS = (
+    "checkpoint_dir",
+    "tokenizer_path",
+    "adapter_dir",
+    "dataset",
+    "eval_dataset",
+    "calibration_dataset",
+    "prompt_file",
+)
 
 
 def _field_names(cls: type) -> set[str]:
@@ -141,8 +144,11 @@ class ParamsIO:
             if not isinstance(value, str) or not value:
                 continue
             # A dataset without a file suffix or a path prefix may be a Hub name.
-            local = ("dataset" not in key or value.startswith((PACKAGE_PREFIX, ".", "/", "~"))
-                     or Path(value).suffix.lower() in FILE_SUFFIXES)
+            local = (
+                "dataset" not in key
+                or value.startswith((PACKAGE_PREFIX, ".", "/", "~"))
+                or Path(value).suffix.lower() in FILE_SUFFIXES
+            )
             if local and not resolve_path(value).exists():
                 notes.append(f"note: {key}={value} does not exist on this machine")
         return notes
@@ -176,7 +182,9 @@ class FullFinetuneParams(ParamsIO):
     model: str = param("tiny", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights; none = random init")
     checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(
+        None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir"
+    )
     # Data
     dataset: str = param("pkg:data/demo/train.jsonl", "local file or folder, or a HF dataset name")
     dataset_type: DatasetType = param("instruct", "how records are read")
@@ -216,7 +224,9 @@ class FullFinetuneParams(ParamsIO):
     reshard_after_forward: bool = param(True, "FSDP: free gathered weights after forward")
     compile: bool = param(False, "torch.compile each decoder layer")
     loss_chunks: int = param(
-        0, "chunks for the cross-entropy, so fp32 logits never exist whole; 0 = auto (each chunk's fp32 logits under 256 MiB)"
+        0,
+        "chunks for the cross-entropy, so fp32 logits never exist whole; "
+        "0 = auto (each chunk's fp32 logits under 256 MiB)",
     )
     # Output
     output_dir: str = param("output", "where checkpoints, metrics and status.json go")
@@ -244,13 +254,24 @@ class FullFinetuneParams(ParamsIO):
             self.checkpoint_dir is not None or self.tokenizer_path is not None,
             "tokenizer_path is required when checkpoint_dir is not set (no tokenizer to find)",
         )
-        for name in ("max_seq_len", "batch_size", "epochs", "gradient_accumulation_steps",
-                     "log_every_n_steps", "profile_active_steps"):
+        for name in (
+            "max_seq_len",
+            "batch_size",
+            "epochs",
+            "gradient_accumulation_steps",
+            "log_every_n_steps",
+            "profile_active_steps",
+        ):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         for name in ("num_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
-        for name in ("max_steps_per_epoch", "save_every_n_steps", "keep_last_n_checkpoints",
-                     "eval_every_n_steps", "eval_max_batches"):
+        for name in (
+            "max_steps_per_epoch",
+            "save_every_n_steps",
+            "keep_last_n_checkpoints",
+            "eval_every_n_steps",
+            "eval_max_batches",
+        ):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
         _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
@@ -267,7 +288,8 @@ class FullFinetuneParams(ParamsIO):
         )
         _require(
             self.eval_every_n_steps is None or self.eval_dataset is not None,
-            "eval_every_n_steps is set but eval_dataset is not; set eval_dataset, or eval_every_n_steps=none to turn eval off",
+            "eval_every_n_steps is set but eval_dataset is not; "
+            "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
 
@@ -278,9 +300,10 @@ class LoraFinetuneParams(FullFinetuneParams):
 
     lr: float = param(3e-4, "peak learning rate")
     lora_attn_modules: list[LoraModule] = param(
-        ["q_proj", "v_proj"], "attention projections given adapters",
+        ["q_proj", "v_proj"],
+        "attention projections given adapters",
         hint="PEFT's o_proj is output_proj here; gate_proj/up_proj/down_proj: apply_lora_to_mlp=true; "
-             "lm_head: apply_lora_to_output=true",
+        "lm_head: apply_lora_to_output=true",
     )
     apply_lora_to_mlp: bool = param(False, "also adapt the MLP projections")
     apply_lora_to_output: bool = param(False, "also adapt the output head")
@@ -294,7 +317,10 @@ class LoraFinetuneParams(FullFinetuneParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be at least 1")
-        _require(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be positive and finite")
+        _require(
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            f"lora_alpha={self.lora_alpha} must be positive and finite",
+        )
         _require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         _require(
             len(set(self.lora_attn_modules)) == len(self.lora_attn_modules),
@@ -314,7 +340,9 @@ class GenerateParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
     checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(
+        None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir"
+    )
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Prompts
     prompt: Optional[str] = param(None, "the text to continue (or set prompt_file)")
@@ -333,17 +361,25 @@ class GenerateParams(ParamsIO):
     device: Device = param("auto", "auto = cuda when available")
     dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
     batch_size: int = param(8, "prompts generated together (left-padded); 1 prompt streams its text")
-    output_file: Optional[str] = param(None, "also write each prompt and response to this .jsonl (replaced when all are done)")
+    output_file: Optional[str] = param(
+        None, "also write each prompt and response to this .jsonl (replaced when all are done)"
+    )
 
     def __post_init__(self) -> None:
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _require(
+            self.checkpoint_dir is not None,
+            "checkpoint_dir is required; set it to the directory with the model weights",
+        )
         _require(
             (self.prompt is None) != (self.prompt_file is None),
             "set exactly one of prompt and prompt_file"
-            + (", not both (to use prompt_file with a config that sets prompt, add prompt=none)"
-               if self.prompt is not None else ", e.g. prompt='Tell me a joke'"),
+            + (
+                ", not both (to use prompt_file with a config that sets prompt, add prompt=none)"
+                if self.prompt is not None
+                else ", e.g. prompt='Tell me a joke'"
+            ),
         )
         _require(self.prompt_file is None or bool(self.prompt_file.strip()), "prompt_file must not be empty")
         _require(
@@ -356,9 +392,7 @@ class GenerateParams(ParamsIO):
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
         _require(self.temperature >= 0, f"temperature={self.temperature} must be 0 (greedy) or positive")
         _require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1 (or none)")
-        _require(
-            self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)"
-        )
+        _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)")
         _require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")
 
 
@@ -373,16 +407,22 @@ class QuantizeParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights (required)")
     checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(
+        None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir"
+    )
     # Scheme
     scheme: QuantizeScheme = param(
         "int8_weight_only", "int8_weight_only, int8_dynamic (int8 activations too), int4_weight_only or gptq_int4"
     )
     group_size: int = param(128, "int4 schemes: consecutive input weights sharing one scale (32, 64, 128 or 256)")
     # Data: calibration (GPTQ) and held-out perplexity
-    calibration_dataset: Optional[str] = param(None, "gptq_int4: your data, which the layers' outputs are kept close on")
+    calibration_dataset: Optional[str] = param(
+        None, "gptq_int4: your data, which the layers' outputs are kept close on"
+    )
     calibration_samples: int = param(128, "gptq_int4: samples drawn from calibration_dataset")
-    eval_dataset: Optional[str] = param("pkg:data/demo/heldout.jsonl", "held-out data for perplexity before and after; none = skip")
+    eval_dataset: Optional[str] = param(
+        "pkg:data/demo/heldout.jsonl", "held-out data for perplexity before and after; none = skip"
+    )
     eval_max_samples: Optional[int] = param(None, "perplexity on at most this many samples; none = all")
     dataset_type: DatasetType = param("instruct", "how calibration and eval records are read")
     template: str = param("alpaca", "prompt template for instruct data (alpaca, plain, ...)")
@@ -397,7 +437,10 @@ class QuantizeParams(ParamsIO):
     def __post_init__(self) -> None:
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _require(
+            self.checkpoint_dir is not None,
+            "checkpoint_dir is required; set it to the directory with the model weights",
+        )
         _check_choice("group_size", self.group_size, GROUP_SIZES)
         _require(
             self.scheme != "gptq_int4" or self.calibration_dataset is not None,
@@ -426,7 +469,9 @@ class EvalParams(ParamsIO):
     model: str = param("auto", MODEL_HELP)
     checkpoint_dir: Optional[str] = param(None, "directory with HF or Meta weights, or a quantized one (required)")
     checkpoint_format: CheckpointFormat = param("auto", "format of checkpoint_dir")
-    tokenizer_path: Optional[str] = param(None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir")
+    tokenizer_path: Optional[str] = param(
+        None, "tokenizer.model (or Llama 3 tokenizer.json) file or dir; none = checkpoint_dir"
+    )
     adapter_dir: Optional[str] = param(None, "PEFT-format LoRA adapter to apply on top; none = base model")
     # Tasks
     tasks: list[str] = param([], "harness task names, e.g. [hellaswag, arc_easy], or your own from include_path")
@@ -439,19 +484,30 @@ class EvalParams(ParamsIO):
     max_seq_len: Optional[int] = param(None, "longest context the model sees; none = the model's, at most 4096")
     device: Device = param("auto", "auto = cuda when available")
     dtype: Dtype = param("auto", "auto = bf16 on GPU, fp32 on CPU")
-    output_path: Optional[str] = param(None, "also write the harness's results to this .json file, or results.json in this folder/")
+    output_path: Optional[str] = param(
+        None, "also write the harness's results to this .json file, or results.json in this folder/"
+    )
 
     def __post_init__(self) -> None:
         _check_field_types(self)
         _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(self.checkpoint_dir is not None, "checkpoint_dir is required; set it to the directory with the model weights")
+        _require(
+            self.checkpoint_dir is not None,
+            "checkpoint_dir is required; set it to the directory with the model weights",
+        )
         _require(bool(self.tasks), "tasks is empty; name at least one task, e.g. tasks=[hellaswag]")
         _require(all(t.strip() for t in self.tasks), "tasks holds an empty name; remove it")
-        _require(self.limit is None or self.limit > 0, f"limit={self.limit} must be positive (or none for all examples)")
         _require(
-            self.num_fewshot is None or self.num_fewshot >= 0, f"num_fewshot={self.num_fewshot} must be 0 or more (or none)"
+            self.limit is None or self.limit > 0, f"limit={self.limit} must be positive (or none for all examples)"
+        )
+        _require(
+            self.num_fewshot is None or self.num_fewshot >= 0,
+            f"num_fewshot={self.num_fewshot} must be 0 or more (or none)",
         )
         _require(self.max_gen_toks >= 1, f"max_gen_toks={self.max_gen_toks} must be at least 1")
         _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-        _require(self.max_seq_len is None or self.max_seq_len >= 2, f"max_seq_len={self.max_seq_len} must be at least 2 (or none)")
+        _require(
+            self.max_seq_len is None or self.max_seq_len >= 2,
+            f"max_seq_len={self.max_seq_len} must be at least 2 (or none)",
+        )
         _require(self.output_path is None or bool(self.output_path.strip()), "output_path must not be empty (or none)")

@@ -61,7 +61,9 @@ def check_group_size(model: TransformerDecoder, names: Sequence[str], group_size
 def check_scheme_device(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
     """Combinations torchao cannot run, caught before any weight is read."""
     if scheme == "int4_weight_only" and device.type == "cuda" and dtype != torch.bfloat16:
-        raise UserError("int4_weight_only on a GPU runs torchao's tinygemm kernel, which needs bf16 weights; set dtype=bf16")
+        raise UserError(
+            "int4_weight_only on a GPU runs torchao's tinygemm kernel, which needs bf16 weights; set dtype=bf16"
+        )
 
 
 def quantize_model(
@@ -84,7 +86,9 @@ def quantize_model(
         check_group_size(model, names, group_size)
     if scheme == "gptq_int4":
         if not calibration:
-            raise UserError("scheme=gptq_int4 needs calibration data; set calibration_dataset (and calibration_samples)")
+            raise UserError(
+                "scheme=gptq_int4 needs calibration data; set calibration_dataset (and calibration_samples)"
+            )
         gptq_quantize_(model, calibration, names, group_size=group_size, percdamp=percdamp, log=log)
         return names
     device = model.tok_embeddings.weight.device

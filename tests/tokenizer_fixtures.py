@@ -71,9 +71,7 @@ def _sentencepiece_bytes(texts: tuple[str, ...], vocab_size: int) -> bytes:
     return out.getvalue()
 
 
-def train_sentencepiece(
-    path: Union[str, Path], texts: Optional[Sequence[str]] = None, vocab_size: int = 512
-) -> Path:
+def train_sentencepiece(path: Union[str, Path], texts: Optional[Sequence[str]] = None, vocab_size: int = 512) -> Path:
     """Train a Llama 2-style SentencePiece BPE model (byte fallback, <unk>=0 <s>=1 </s>=2,
     no pad) and write it to `path`. Returns the file written."""
     path = _target(path)
@@ -118,9 +116,7 @@ def learn_bpe_ranks(texts: tuple[str, ...], vocab_size: int) -> dict[bytes, int]
     return ranks
 
 
-def write_llama3_ranks(
-    path: Union[str, Path], texts: Optional[Sequence[str]] = None, vocab_size: int = 512
-) -> Path:
+def write_llama3_ranks(path: Union[str, Path], texts: Optional[Sequence[str]] = None, vocab_size: int = 512) -> Path:
     """Write a Llama 3-format ranks file (`<base64 token> <rank>` per line) with at most
     `vocab_size` base tokens learned on `texts`. Returns the file written.
 
@@ -131,8 +127,7 @@ def write_llama3_ranks(
     corpus = tuple(texts) if texts is not None else DEFAULT_TEXTS
     ranks = learn_bpe_ranks(corpus, vocab_size)
     lines = (
-        f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
-        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+        f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
     )
     path.write_text("".join(lines))
     return path

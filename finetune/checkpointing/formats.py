@@ -44,7 +44,7 @@ def _is_meta_weight_file(path: Path) -> bool:
 
 
 def detect_format(checkpoint_dir: PathLike) -> str:
-    """"hf" (safetensors / pytorch_model*.bin) or "meta" (consolidated.NN.pth)."""
+    """ "hf" (safetensors / pytorch_model*.bin) or "meta" (consolidated.NN.pth)."""
     directory = checkpoint_directory(checkpoint_dir)
     files = sorted(p for p in directory.iterdir() if p.is_file())
     if any(_is_hf_weight_file(p) for p in files) or (directory / SAFETENSORS_INDEX).is_file():
@@ -128,5 +128,7 @@ def meta_weight_files(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.glob("consolidated.*.pth") if p.is_file())
     if not files:
         found = sorted(p.name for p in directory.iterdir())
-        raise UserError(f"no Meta weights in {directory}: expected consolidated.00.pth, found {describe_listing(found)}")
+        raise UserError(
+            f"no Meta weights in {directory}: expected consolidated.00.pth, found {describe_listing(found)}"
+        )
     return files

@@ -55,11 +55,13 @@ def _map_by_prefix(name: str, table: dict[str, str]) -> Optional[str]:
         if name == ours:
             return theirs
         if name.startswith(ours + "."):
-            return theirs + name[len(ours):]
+            return theirs + name[len(ours) :]
     return None
 
 
-def _translate(name: str, layer_pattern: re.Pattern, layer_prefix: str, in_layer: dict[str, str], top: dict[str, str]) -> Optional[str]:
+def _translate(
+    name: str, layer_pattern: re.Pattern, layer_prefix: str, in_layer: dict[str, str], top: dict[str, str]
+) -> Optional[str]:
     match = layer_pattern.match(name)
     if match is None:
         return _map_by_prefix(name, top)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from finetune.checkpointing.formats import checkpoint_directory, check_format_name, describe_listing, detect_format
+from finetune.checkpointing.formats import check_format_name, checkpoint_directory, describe_listing, detect_format
 from finetune.checkpointing.key_mapping import (
     HF_IGNORED,
     META_IGNORED,
@@ -77,7 +77,8 @@ class _CheckpointPlan:
         unexpected += sorted(theirs for ours, theirs in by_ours.items() if ours not in shapes)
         if unexpected:
             raise UserError(
-                f"checkpoint {directory} has tensors this model does not know: {describe_listing(sorted(unexpected), 3)}; "
+                f"checkpoint {directory} has tensors this model does not know: "
+                f"{describe_listing(sorted(unexpected), 3)}; "
                 "it is not a Llama checkpoint of this layout"
             )
         missing = sorted(self.to_theirs(ours) for ours in shapes if ours not in by_ours)

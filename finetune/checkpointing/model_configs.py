@@ -69,7 +69,9 @@ def _hf_rope(config: dict[str, Any], path: Path) -> tuple[float, Optional[RopeSc
 def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     model_type = config.get("model_type", "llama")
     if model_type != "llama":
-        raise UserError(f"{path}: model_type {model_type!r} is not supported; only Llama-family ('llama') checkpoints are")
+        raise UserError(
+            f"{path}: model_type {model_type!r} is not supported; only Llama-family ('llama') checkpoints are"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise UserError(f"{path}: {flag}=true is not supported; Llama checkpoints have no biases")
@@ -78,8 +80,16 @@ def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     dim = _require(config, "hidden_size", path)
     n_heads = _require(config, "num_attention_heads", path)
     head_dim = config.get("head_dim")
-    if head_dim is not None and isinstance(dim, int) and isinstance(n_heads, int) and n_heads and head_dim * n_heads != dim:
-        raise UserError(f"{path}: head_dim={head_dim} differs from hidden_size/num_attention_heads; such models are not supported")
+    if (
+        head_dim is not None
+        and isinstance(dim, int)
+        and isinstance(n_heads, int)
+        and n_heads
+        and head_dim * n_heads != dim
+    ):
+        raise UserError(
+            f"{path}: head_dim={head_dim} differs from hidden_size/num_attention_heads; such models are not supported"
+        )
     theta, scaling = _hf_rope(config, path)
     vocab_size = _require(config, "vocab_size", path)
     return _build_args(
@@ -164,7 +174,9 @@ def model_args_from_meta_params(
     if not isinstance(vocab_size, int) or vocab_size <= 0:
         # Llama 2 params.json leaves vocab_size to the tokenizer (-1): take it from the weights.
         if vocab_size_in_weights is None:
-            raise UserError(f"{path}: vocab_size is {vocab_size!r} and the weights do not show it; set vocab_size in the file")
+            raise UserError(
+                f"{path}: vocab_size is {vocab_size!r} and the weights do not show it; set vocab_size in the file"
+            )
         vocab_size = vocab_size_in_weights
     try:
         hidden_dim = meta_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))
@@ -236,11 +248,16 @@ def read_model_args(checkpoint_dir: PathLike, checkpoint_format: str = "auto") -
     if fmt == "hf":
         path = directory / HF_CONFIG
         if not path.is_file():
-            raise UserError(f"{directory} has Hugging Face weights but no {HF_CONFIG}; add it or pass a model name instead of 'auto'")
+            raise UserError(
+                f"{directory} has Hugging Face weights but no {HF_CONFIG}; "
+                "add it or pass a model name instead of 'auto'"
+            )
         return model_args_from_hf_config(read_json(path), path)
     path = directory / META_PARAMS
     if not path.is_file():
-        raise UserError(f"{directory} has Meta weights but no {META_PARAMS}; add it or pass a model name instead of 'auto'")
+        raise UserError(
+            f"{directory} has Meta weights but no {META_PARAMS}; add it or pass a model name instead of 'auto'"
+        )
     params = read_json(path)
     vocab_size, tied = inspect_meta_weights(directory, params.get("dim"))
     return model_args_from_meta_params(params, path, vocab_size, tied)

@@ -108,8 +108,7 @@ def lock_output_dir(root: Path | str) -> OutputDirLock:
             raise error from None
         os.close(fd)
         if e.errno in _NO_LOCKS:
-            log.warning("cannot lock %s (%s); a second run into this output_dir would not be stopped",
-                        path, e.strerror)
+            log.warning("cannot lock %s (%s); a second run into this output_dir would not be stopped", path, e.strerror)
             return OutputDirLock(path, None)
         raise
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n"

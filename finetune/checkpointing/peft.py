@@ -29,9 +29,16 @@ MERGED_DIR = "merged"  # where the LoRA recipe writes base + adapter merged, bes
 _PREFIX = "base_model.model."
 
 # Tensor names inside an adapted module: ours -> PEFT's.
-_TO_PEFT_LEAF = {"lora_a.weight": "lora_A.weight", "lora_b.weight": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_TO_PEFT_LEAF = {
+    "lora_a.weight": "lora_A.weight",
+    "lora_b.weight": "lora_B.weight",
+    "magnitude": "lora_magnitude_vector",
+}
 # PEFT versions have stored the DoRA magnitude with and without a ".weight" suffix.
-_FROM_PEFT_LEAF = {**{theirs: ours for ours, theirs in _TO_PEFT_LEAF.items()}, "lora_magnitude_vector.weight": "magnitude"}
+_FROM_PEFT_LEAF = {
+    **{theirs: ours for ours, theirs in _TO_PEFT_LEAF.items()},
+    "lora_magnitude_vector.weight": "magnitude",
+}
 
 # Adaptable linears: our short module name -> the name PEFT's `target_modules` uses.
 TARGET_MODULES = {
@@ -56,7 +63,7 @@ def _split_leaf(name: str, leaves: Mapping[str, str]) -> Optional[tuple[str, str
 
 
 def peft_tensor_name(our_name: str) -> str:
-    """"layers.0.attn.q_proj.lora_a.weight" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    """ "layers.0.attn.q_proj.lora_a.weight" -> "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
     split = _split_leaf(our_name, _TO_PEFT_LEAF)
     if split is None:
         raise ValueError(f"{our_name!r} is not an adapter tensor name (…lora_a.weight, …lora_b.weight or …magnitude)")
@@ -67,12 +74,19 @@ def peft_tensor_name(our_name: str) -> str:
 def _hf_targets(target_modules: Sequence[str]) -> list[str]:
     unknown = [name for name in target_modules if name not in TARGET_MODULES]
     if unknown:
-        raise UserError(f"unknown LoRA target module(s) {', '.join(map(repr, unknown))}; choose from {', '.join(TARGET_MODULES)}")
+        raise UserError(
+            f"unknown LoRA target module(s) {', '.join(map(repr, unknown))}; choose from {', '.join(TARGET_MODULES)}"
+        )
     return sorted({TARGET_MODULES[name] for name in target_modules})
 
 
 def adapter_config(
-    *, rank: int, alpha: float, dropout: float, target_modules: Sequence[str], use_dora: bool,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+    use_dora: bool,
     base_model_name_or_path: Optional[str] = None,
 ) -> dict[str, Any]:
     """adapter_config.json for a LoRA adapter on a causal LM. Only fields PEFT has long known, so
@@ -120,7 +134,11 @@ def save_peft_adapter(
     if target_modules is None:
         target_modules = sorted({_split_leaf(name, _TO_PEFT_LEAF)[0].rpartition(".")[2] for name in adapter_state_dict})
     config = adapter_config(
-        rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, use_dora=use_dora,
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        use_dora=use_dora,
         base_model_name_or_path=None if base_model_name_or_path is None else str(base_model_name_or_path),
     )
     out = Path(out_dir)
@@ -138,7 +156,10 @@ def save_peft_adapter(
 
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"adapter directory {path.parent} has no {ADAPTER_CONFIG}; pass a directory written by PEFT or by a LoRA run")
+        raise UserError(
+            f"adapter directory {path.parent} has no {ADAPTER_CONFIG}; "
+            "pass a directory written by PEFT or by a LoRA run"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -151,7 +172,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
     if config.get("peft_type") != "LORA":
-        raise UserError(f"{path} has peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type LORA) are supported")
+        raise UserError(
+            f"{path} has peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type LORA) are supported"
+        )
     rank, alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise UserError(f"{path} has r={rank!r}; it must be a positive integer")
@@ -166,9 +189,13 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     }
     for key, value in unsupported.items():
         if value:
-            raise UserError(f"{path} sets {key}={value!r}, which finetune's LoRA does not support; train the adapter without it")
+            raise UserError(
+                f"{path} sets {key}={value!r}, which finetune's LoRA does not support; train the adapter without it"
+            )
     if config.get("bias", "none") != "none":
-        raise UserError(f"{path} sets bias={config['bias']!r}; only bias 'none' is supported (Llama linears have no bias)")
+        raise UserError(
+            f"{path} sets bias={config['bias']!r}; only bias 'none' is supported (Llama linears have no bias)"
+        )
 
 
 def _our_adapter_name(peft_name: str, path: Path) -> Optional[str]:
@@ -176,16 +203,22 @@ def _our_adapter_name(peft_name: str, path: Path) -> Optional[str]:
     where = f"adapter tensor {peft_name} in {path}"
     if not peft_name.startswith(_PREFIX):
         raise UserError(f"{where} does not start with {_PREFIX!r}; this is not a PEFT adapter of a causal LM")
-    name = peft_name[len(_PREFIX):]
+    name = peft_name[len(_PREFIX) :]
     if name.endswith(".base_layer.weight"):
         return None  # a copy of a base weight (PEFT saves lm_head's); the base checkpoint has it
     split = _split_leaf(name, _FROM_PEFT_LEAF)
     if split is None:
-        raise UserError(f"{where} is not a LoRA A, B or DoRA magnitude tensor; only plain LoRA/DoRA adapters on linear layers are supported")
+        raise UserError(
+            f"{where} is not a LoRA A, B or DoRA magnitude tensor; "
+            "only plain LoRA/DoRA adapters on linear layers are supported"
+        )
     hf_module, leaf = split
     ours = from_hf_name(hf_module)
     if ours is None or ours.rpartition(".")[2] not in TARGET_MODULES:
-        raise UserError(f"{where} names module {hf_module}, which is not a linear layer of a Llama model; use an adapter trained on a Llama model")
+        raise UserError(
+            f"{where} names module {hf_module}, which is not a linear layer of a Llama model; "
+            "use an adapter trained on a Llama model"
+        )
     return f"{ours}.{_FROM_PEFT_LEAF[leaf]}"
 
 
@@ -197,7 +230,9 @@ def _module_shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
     return modules
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor], config: dict[str, Any], path: Path, args: Optional[ModelArgs]) -> None:
+def _check_tensors(
+    tensors: Mapping[str, torch.Tensor], config: dict[str, Any], path: Path, args: Optional[ModelArgs]
+) -> None:
     if not tensors:
         raise UserError(f"{path} holds no LoRA tensors; re-export the adapter")
     # Tied models have no output.weight here, so an adapter on their output layer is refused.
@@ -208,12 +243,21 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor], config: dict[str, Any], 
         if use_dora and "magnitude" not in leaves:
             missing.append("magnitude")
         if missing:
-            raise UserError(f"adapter {path} lacks {', '.join(f'{module}.{leaf}' for leaf in missing)}; the adapter is incomplete, re-export it")
+            raise UserError(
+                f"adapter {path} lacks {', '.join(f'{module}.{leaf}' for leaf in missing)}; "
+                "the adapter is incomplete, re-export it"
+            )
         if "magnitude" in leaves and not use_dora:
-            raise UserError(f"adapter {path} has DoRA magnitudes but its config says use_dora=false; fix use_dora in {ADAPTER_CONFIG}")
+            raise UserError(
+                f"adapter {path} has DoRA magnitudes but its config says use_dora=false; "
+                f"fix use_dora in {ADAPTER_CONFIG}"
+            )
         if base_shapes is not None:
             if f"{module}.weight" not in base_shapes:
-                raise UserError(f"adapter {path} adapts {module}, which this model does not have; use the base model the adapter was trained on")
+                raise UserError(
+                    f"adapter {path} adapts {module}, which this model does not have; "
+                    "use the base model the adapter was trained on"
+                )
             out_dim, in_dim = base_shapes[f"{module}.weight"]
         else:
             out_dim, in_dim = leaves["lora_b.weight"][0], leaves["lora_a.weight"][-1]
@@ -243,11 +287,16 @@ def load_peft_adapter(
         base = config.get("base_model_name_or_path")
         raise UserError(
             f"checkpoint_dir {base_dir} is the merged model of adapter_dir {directory} and already holds the "
-            f"adapter; use it without adapter_dir, or set checkpoint_dir to the base model{f' ({base})' if base else ''}"
+            "adapter; "
+            f"use it without adapter_dir, or set checkpoint_dir to the base model{f' ({base})' if base else ''}"
         )
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
-        hint = "convert adapter_model.bin to safetensors" if (directory / "adapter_model.bin").is_file() else "the adapter is incomplete"
+        hint = (
+            "convert adapter_model.bin to safetensors"
+            if (directory / "adapter_model.bin").is_file()
+            else "the adapter is incomplete"
+        )
         raise UserError(f"adapter directory {directory} has no {ADAPTER_WEIGHTS}; {hint}")
     tensors = {}
     for peft_name, tensor in load_safetensors(weights).items():
@@ -260,7 +309,11 @@ def load_peft_adapter(
 
 def describe_adapted(settings: Mapping[str, Any]) -> str:
     """The adapted layers of `apply_lora_settings`' result, for a log line."""
-    parts = list(settings["attn_modules"]) + (["mlp"] if settings["mlp"] else []) + (["output"] if settings["output"] else [])
+    parts = (
+        list(settings["attn_modules"])
+        + (["mlp"] if settings["mlp"] else [])
+        + (["output"] if settings["output"] else [])
+    )
     return ", ".join(parts)
 
 
@@ -279,10 +332,16 @@ def apply_lora_settings(
     else:
         targets = config.get("target_modules") or []
         if isinstance(targets, str):
-            raise UserError(f"adapter target_modules={targets!r} is a pattern, not a list of module names; pass the adapter tensors too")
+            raise UserError(
+                f"adapter target_modules={targets!r} is a pattern, not a list of module names; "
+                "pass the adapter tensors too"
+            )
         unknown = [name for name in targets if name not in _TARGETS_FROM_HF]
         if unknown:
-            raise UserError(f"adapter target_modules has {', '.join(map(repr, unknown))}, which are not Llama linear layers; use a Llama adapter")
+            raise UserError(
+                f"adapter target_modules has {', '.join(map(repr, unknown))}, which are not Llama linear layers; "
+                "use a Llama adapter"
+            )
         ours = {_TARGETS_FROM_HF[name] for name in targets}
     return dict(
         attn_modules=[name for name in ATTN_MODULES if name in ours],

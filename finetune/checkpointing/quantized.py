@@ -70,8 +70,11 @@ def save_quantized_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = model.args
-    state = {name: tensor for name, tensor in model.state_dict().items()
-             if not (args.tie_embeddings and name == "output.weight")}
+    state = {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if not (args.tie_embeddings and name == "output.weight")
+    }
     tensors, metadata, int4_codes = ao.flatten_quantized({to_hf_name(k): v for k, v in state.items()})
     packed = [name for name in int4_codes if tensors[name].shape[-1] % 2 == 0]
     for name in packed:
@@ -90,10 +93,17 @@ def save_quantized_checkpoint(
         scheme_config = ao.ptq_config(record["scheme"], 0, torch.device("cpu"))
         config["quantization_config"] = ao.hf_quantization_config(scheme_config)
         _write_json(out / HF_CONFIG, config)
-    _write_json(out / QUANTIZATION_FILE, {
-        "format_version": FORMAT_VERSION, "torchao_version": ao.torchao_version(),
-        "dtype": str(dtype).removeprefix("torch."), "weights": WEIGHTS_FILE, "size_bytes": size, **record,
-    })
+    _write_json(
+        out / QUANTIZATION_FILE,
+        {
+            "format_version": FORMAT_VERSION,
+            "torchao_version": ao.torchao_version(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "weights": WEIGHTS_FILE,
+            "size_bytes": size,
+            **record,
+        },
+    )
     return out
 
 

@@ -49,7 +49,10 @@ class HFReader:
             else:
                 found = _entries_from_torch_file(path)
             for name in found.keys() & entries.keys():
-                raise UserError(f"tensor {name} appears in both {entries[name].file.name} and {path.name}; the checkpoint is inconsistent")
+                raise UserError(
+                    f"tensor {name} appears in both {entries[name].file.name} and {path.name}; "
+                    "the checkpoint is inconsistent"
+                )
             entries.update(found)
         return entries
 

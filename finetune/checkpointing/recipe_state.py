@@ -170,7 +170,11 @@ def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], l
         log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
         return None
     if (checkpoint / "adapter_config.json").is_file() != lora:
-        kind, recipe = ("a LoRA", "lora_finetune_single_device") if not lora else ("a full fine-tune", "full_finetune_single_device")
+        kind, recipe = (
+            ("a LoRA", "lora_finetune_single_device")
+            if not lora
+            else ("a full fine-tune", "full_finetune_single_device")
+        )
         raise UserError(
             f"{checkpoint} is a checkpoint of {kind} run; resume it with {recipe} (or its _distributed alias), "
             "or choose another output_dir"
@@ -189,7 +193,8 @@ def check_resume_settings(checkpoint: Path, params: Any, keys: Sequence[str]) ->
     for key in keys:
         if key in saved and saved[key] != getattr(params, key):
             raise UserError(
-                f"{key} is {getattr(params, key)!r} but {checkpoint} was trained with {saved[key]!r}; a resumed run keeps "
+                f"{key} is {getattr(params, key)!r} but {checkpoint} was trained with {saved[key]!r}; "
+                "a resumed run keeps "
                 f"its settings: set {key}={saved[key]}, or start a new run in another output_dir"
             )
 

@@ -63,15 +63,22 @@ def read_header(path: PathLike) -> tuple[dict[str, dict], int]:
             begin, end = entry["data_offsets"]
             dtype_name, shape = entry["dtype"], entry["shape"]
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: header entry for tensor {name!r} is malformed; re-download or re-export the file") from None
+            raise UserError(
+                f"{path}: header entry for tensor {name!r} is malformed; re-download or re-export the file"
+            ) from None
         if dtype_name not in _DTYPES:
-            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}; convert it to F32, F16 or BF16")
+            raise UserError(
+                f"{path}: tensor {name!r} has unsupported dtype {dtype_name}; convert it to F32, F16 or BF16"
+            )
         itemsize = torch.empty((), dtype=_DTYPES[dtype_name]).element_size()
         numel = 1
         for size in shape:
             numel *= size
         if end - begin != numel * itemsize or begin < 0 or data_start + end > file_size:
-            raise UserError(f"{path}: tensor {name!r} points outside the file or has the wrong byte size; the file is truncated or corrupt")
+            raise UserError(
+                f"{path}: tensor {name!r} points outside the file or has the wrong byte size; "
+                "the file is truncated or corrupt"
+            )
     return header, data_start
 
 
@@ -84,9 +91,7 @@ def _read_exact(f, buffer: memoryview) -> None:
         filled += n
 
 
-def iter_safetensors(
-    path: PathLike, names: Optional[set[str]] = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: PathLike, names: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, CPU tensor) in file order, each read into its own fresh memory."""
     header, data_start = read_header(path)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
@@ -100,7 +105,9 @@ def iter_safetensors(
             try:
                 _read_exact(f, memoryview(raw.numpy()))
             except EOFError:
-                raise UserError(f"{path}: file ends inside tensor {name!r}; the file is truncated, re-download it") from None
+                raise UserError(
+                    f"{path}: file ends inside tensor {name!r}; the file is truncated, re-download it"
+                ) from None
             yield name, raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
@@ -122,7 +129,11 @@ def save_safetensors(
         if tensor.dtype not in _DTYPE_NAMES:
             raise ValueError(f"cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors")
         size = tensor_nbytes(tensor)
-        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # data block starts 8-byte aligned

@@ -8,7 +8,6 @@ import torch
 
 from finetune.errors import UserError
 
-
 _BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
 
 
@@ -37,7 +36,9 @@ def load_torch_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
             ) from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({reason}); re-download it") from None
     except Exception as e:  # torch raises assorted types for a damaged or foreign file
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it") from None
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); re-download it"
+        ) from None
     if not isinstance(loaded, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):

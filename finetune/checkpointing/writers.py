@@ -15,7 +15,12 @@ import torch
 
 from finetune.checkpointing.formats import SAFETENSORS_INDEX
 from finetune.checkpointing.key_mapping import is_rotary_projection, rotate_half_to_meta, to_hf_name, to_meta_name
-from finetune.checkpointing.model_configs import HF_CONFIG, META_PARAMS, hf_config_from_model_args, meta_params_from_model_args
+from finetune.checkpointing.model_configs import (
+    HF_CONFIG,
+    META_PARAMS,
+    hf_config_from_model_args,
+    meta_params_from_model_args,
+)
 from finetune.checkpointing.safetensors_io import save_safetensors
 from finetune.checkpointing.torch_files import owned_tensor
 from finetune.errors import UserError
@@ -42,7 +47,9 @@ def _renamed(tensors: Mapping[str, torch.Tensor], rename, format_name: str) -> d
     for name, tensor in tensors.items():
         theirs = rename(name)
         if theirs is None:
-            raise ValueError(f"state dict entry {name!r} has no {format_name} name; is it a TransformerDecoder state dict?")
+            raise ValueError(
+                f"state dict entry {name!r} has no {format_name} name; is it a TransformerDecoder state dict?"
+            )
         out[theirs] = tensor
     return out
 
@@ -120,8 +127,10 @@ def save_hf_checkpoint(
         index_path = out / SAFETENSORS_INDEX
         _write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append(index_path)
-    stored_dtype = dtype if dtype is not None else next(
-        (t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32
+    stored_dtype = (
+        dtype
+        if dtype is not None
+        else next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     )
     written += write_beside_weights(out, args, stored_dtype, **beside)
     return written
@@ -174,8 +183,13 @@ def copy_tokenizer_files(files: Sequence[PathLike], out_dir: Path) -> list[Path]
 # transformers reads a lone SentencePiece tokenizer.model without BOS or the leading-space piece
 # unless a tokenizer_config.json names the slow Llama tokenizer.
 LLAMA2_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-    "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": False,
 }
 
 
@@ -200,7 +214,11 @@ def hf_output_extras(
             path = source_dir / name
             if path.is_file():
                 values = json.loads(path.read_text(encoding="utf-8"))
-                keep = values if name == GENERATION_CONFIG else {k: values[k] for k in ("bos_token_id", "eos_token_id") if k in values}
+                keep = (
+                    values
+                    if name == GENERATION_CONFIG
+                    else {k: values[k] for k in ("bos_token_id", "eos_token_id") if k in values}
+                )
                 generation.update(keep)
     source_eos = generation.get("eos_token_id")
     eos = list(source_eos) if isinstance(source_eos, list) else [] if source_eos is None else [source_eos]

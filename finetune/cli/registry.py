@@ -63,7 +63,9 @@ def module_constants(path: Path) -> tuple[set[str], tuple[str, ...]]:
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             defined.add(node.name)
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         for target in targets:
             if isinstance(target, ast.Name):
                 defined.add(target.id)
@@ -135,4 +137,6 @@ def config_recipes(path: Path) -> tuple[str, ...]:
 def configs_for(entry: RecipeEntry, config_dir: Optional[Path] = None) -> list[str]:
     """Names of the configs in `config_dir` whose `# recipe:` line names `entry` (or an alias), by name."""
     names = {entry.name, *entry.aliases}
-    return [path.stem for path in sorted((config_dir or CONFIG_DIR).glob("*.yaml")) if names & set(config_recipes(path))]
+    return [
+        path.stem for path in sorted((config_dir or CONFIG_DIR).glob("*.yaml")) if names & set(config_recipes(path))
+    ]

@@ -16,7 +16,6 @@ import yaml
 
 from finetune.errors import UserError
 
-
 SOURCE_TREE_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 

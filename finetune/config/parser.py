@@ -47,7 +47,11 @@ class TuneArgumentParser:
         )
         self.parser.add_argument("--config", help="config name from configs/ or a path to a YAML file")
         self.parser.add_argument(
-            "--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+            "--override",
+            nargs="+",
+            action="extend",
+            default=[],
+            metavar="KEY=VALUE",
             help="set fields; bare KEY=VALUE arguments work too (CLI > config > defaults)",
         )
         self.parser.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)

@@ -98,9 +98,7 @@ def build_dataset(
     names the parameter `split` came from, for messages.
     """
     if dataset_type not in DATASET_TYPES:
-        raise UserError(
-            f"dataset_type '{dataset_type}' is unknown; choose one of {', '.join(DATASET_TYPES)}"
-        )
+        raise UserError(f"dataset_type '{dataset_type}' is unknown; choose one of {', '.join(DATASET_TYPES)}")
     if not isinstance(max_seq_len, int) or max_seq_len < 2:
         raise UserError(f"max_seq_len={max_seq_len!r} is too small; use at least 2 tokens")
     records = load_records(source, split=split, split_key=split_key, column_map=column_map, subset=subset)
@@ -125,9 +123,7 @@ def _tokenize_turns(
 ) -> TokenizedDataset:
     """Instruct records (with `template`) or chat records (without), truncated and shifted."""
     dataset, stats = TokenizedDataset(), TokenizeStats(records=len(records))
-    progress = tqdm(
-        range(len(records)), desc="tokenizing", unit="record", disable=not is_rank_zero()
-    )
+    progress = tqdm(range(len(records)), desc="tokenizing", unit="record", disable=not is_rank_zero())
     for i in progress:
         where = records.where(i)
         if template is not None:
@@ -149,9 +145,7 @@ def _tokenize_turns(
     return dataset
 
 
-def _prompt_mask(
-    record: dict, where: str, tokenizer: Tokenizer, template: Optional[InstructTemplate]
-) -> list[bool]:
+def _prompt_mask(record: dict, where: str, tokenizer: Tokenizer, template: Optional[InstructTemplate]) -> list[bool]:
     """True on the prompt tokens of a record (what train_on_input=False would mask): where
     truncation must not teach the closing token."""
     if template is not None:
@@ -182,9 +176,7 @@ def _report_turns(
     report(message)
 
 
-def _tokenize_text(
-    records: Records, tokenizer: Tokenizer, max_seq_len: int, report: LogFn
-) -> TokenizedDataset:
+def _tokenize_text(records: Records, tokenizer: Tokenizer, max_seq_len: int, report: LogFn) -> TokenizedDataset:
     """Every token of every document is a target; long documents become several samples."""
     dataset = TokenizedDataset()
     progress = tqdm(range(len(records)), desc="tokenizing", unit="doc", disable=not is_rank_zero())

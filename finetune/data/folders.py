@@ -37,9 +37,7 @@ _KEYWORDS = {
     "evaluation": "test",
 }
 # Longest first, so that 'training_x' is read as 'training' and not rejected after 'train'.
-_KEYWORD_RE = re.compile(
-    r"^(%s)(?:$|[-_. 0-9])" % "|".join(sorted(_KEYWORDS, key=len, reverse=True))
-)
+_KEYWORD_RE = re.compile(r"^(%s)(?:$|[-_. 0-9])" % "|".join(sorted(_KEYWORDS, key=len, reverse=True)))
 _SHARD_RE = re.compile(r"^(\w+(?:\.\w+)*)-\d+-of-\d+(?:[-_.]|$)")
 _SUBSET_KEY = "dataset_subset"
 
@@ -102,14 +100,11 @@ def read_configs(folder: Path) -> Optional[list[_Config]]:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 2}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise UserError(
-            f"{readme}{where}: the YAML front matter is not valid ({problem}); fix it"
-        ) from None
+        raise UserError(f"{readme}{where}: the YAML front matter is not valid ({problem}); fix it") from None
     entries = meta.get("configs") if isinstance(meta, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(
-            f"{readme}: 'configs' must be a list of entries with config_name and data_files; "
-            "fix the front matter"
+            f"{readme}: 'configs' must be a list of entries with config_name and data_files; fix the front matter"
         )
     return [_parse_config(folder, readme, i, entry) for i, entry in enumerate(entries, start=1)]
 
@@ -117,8 +112,7 @@ def read_configs(folder: Path) -> Optional[list[_Config]]:
 def _parse_config(folder: Path, readme: Path, index: int, entry: Any) -> _Config:
     if not isinstance(entry, dict) or entry.get("config_name") is None:
         raise UserError(
-            f"{readme}: configs entry {index} has no config_name; "
-            "give every entry a config_name (and data_files)"
+            f"{readme}: configs entry {index} has no config_name; give every entry a config_name (and data_files)"
         )
     name = str(entry["config_name"])
     where = f"{readme}: data_files of config '{name}'"
@@ -151,9 +145,7 @@ def _patterns(value: Any, where: str) -> list[str]:
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return list(value)
-    raise UserError(
-        f"{where} must be a file pattern or a list of them, got {value!r}; fix README.md"
-    )
+    raise UserError(f"{where} must be a file pattern or a list of them, got {value!r}; fix README.md")
 
 
 def _config_files(
@@ -236,11 +228,7 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def _data_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes and _visible(p, root)
-    )
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and _visible(p, root))
 
 
 def _split_of(relative: Path) -> Optional[str]:
@@ -255,15 +243,10 @@ def _split_of(relative: Path) -> Optional[str]:
     return None
 
 
-def _named_split_files(
-    root: Path, split: str, split_key: str, suffixes: tuple[str, ...]
-) -> list[Path]:
+def _named_split_files(root: Path, split: str, split_key: str, suffixes: tuple[str, ...]) -> list[Path]:
     files = _data_files(root, suffixes)
     if not files:
-        raise UserError(
-            f"dataset folder {root} holds no data files; add files ending in "
-            f"{', '.join(suffixes)}"
-        )
+        raise UserError(f"dataset folder {root} holds no data files; add files ending in {', '.join(suffixes)}")
     named = {file: _split_of(file.relative_to(root)) for file in files}
     wanted = canonical_split(split)
     if not any(named.values()):
@@ -273,8 +256,7 @@ def _named_split_files(
     found = sorted({name for name in named.values() if name}) or ["train"]
     if not chosen:
         raise UserError(
-            f"dataset folder {root} has no '{split}' files; splits found: {', '.join(found)}; "
-            f"pick one with {split_key}"
+            f"dataset folder {root} has no '{split}' files; splits found: {', '.join(found)}; pick one with {split_key}"
         )
     if any(named.values()):
         _refuse_mixed_subsets(root, chosen, split, set(found))
@@ -306,9 +288,7 @@ def _subset_folder(folder: Path, subset: str, suffixes: tuple[str, ...]) -> Path
     if inside and candidate.is_dir():
         return candidate
     found = sorted(
-        d.name
-        for d in folder.iterdir()
-        if d.is_dir() and _may_be_subset(d.name) and _data_files(d, suffixes)
+        d.name for d in folder.iterdir() if d.is_dir() and _may_be_subset(d.name) and _data_files(d, suffixes)
     )
     if not found:
         raise UserError(

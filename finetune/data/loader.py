@@ -29,15 +29,11 @@ def collate(batch: Sequence[Sample], pad_id: int = 0) -> Batch:
     if "position_ids" in batch[0]:
         out["position_ids"] = _pad([s["position_ids"] for s in batch], longest, None)
     if "document_ids" in batch[0]:
-        out["document_ids"] = _pad(
-            [s["document_ids"] for s in batch], longest, lambda row: max(row, default=-1) + 1
-        )
+        out["document_ids"] = _pad([s["document_ids"] for s in batch], longest, lambda row: max(row, default=-1) + 1)
     return out
 
 
-def _pad(
-    rows: Sequence[Sequence[int]], length: int, fill: Optional[Callable[[Sequence[int]], int]]
-) -> torch.Tensor:
+def _pad(rows: Sequence[Sequence[int]], length: int, fill: Optional[Callable[[Sequence[int]], int]]) -> torch.Tensor:
     """`fill(row)` gives a row's pad value; None pads with 0, 1, 2, ... (fresh positions)."""
     out = torch.empty(len(rows), length, dtype=torch.long)
     for i, row in enumerate(rows):

@@ -49,9 +49,7 @@ class ResumableDistributedSampler(Sampler[int]):
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch's order; skip the first `start_index` samples of this shard."""
         if not 0 <= start_index <= self.num_samples:
-            raise ValueError(
-                f"start_index {start_index} is outside this rank's {self.num_samples} samples"
-            )
+            raise ValueError(f"start_index {start_index} is outside this rank's {self.num_samples} samples")
         self.epoch = epoch
         self.start_index = start_index
 

@@ -32,9 +32,7 @@ _SPLIT_RE = re.compile(r"^(\w[\w.-]*)(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$
 class Records(list):
     """Records of one source, plus what is needed to name any one of them in a message."""
 
-    def __init__(
-        self, items: Iterable[dict], *, source: str, lines: Optional[list[int]] = None
-    ) -> None:
+    def __init__(self, items: Iterable[dict], *, source: str, lines: Optional[list[int]] = None) -> None:
         super().__init__(items)
         self.source = source
         self.lines = lines  # line of each record in its file, when the format has lines
@@ -85,17 +83,13 @@ def load_records(
     else:
         records = _read_hub(source, split, subset, split_key)
     if not records:
-        raise UserError(
-            f"dataset {source} ({split_key} '{split}') has no records; point it at a file with data"
-        )
+        raise UserError(f"dataset {source} ({split_key} '{split}') has no records; point it at a file with data")
     if column_map:
         records = rename_columns(records, column_map)
     return records
 
 
-def parse_split(
-    split: str, split_key: str = "split"
-) -> tuple[str, tuple[Optional[str], Optional[str]]]:
+def parse_split(split: str, split_key: str = "split") -> tuple[str, tuple[Optional[str], Optional[str]]]:
     """'train[:90%]' -> ('train', (None, '90%'))."""
     match = _SPLIT_RE.match(split.strip())
     if match is None:
@@ -126,8 +120,7 @@ def rename_columns(records: Records, column_map: dict[str, str]) -> Records:
         isinstance(k, str) and isinstance(v, str) for k, v in column_map.items()
     ):
         raise UserError(
-            f"column_map must map column names to column names, got {column_map!r}; "
-            "write it like {output: answer}"
+            f"column_map must map column names to column names, got {column_map!r}; write it like {{output: answer}}"
         )
     renamed = set(column_map.values())
     out = []
@@ -159,10 +152,7 @@ def read_file(path: Path) -> Records:
         return _read_csv(text, str(path), delimiter="\t" if suffix == ".tsv" else ",")
     if suffix == ".txt":
         return Records([{"text": text}] if text.strip() else [], source=str(path))
-    raise UserError(
-        f"dataset file {path} has an unsupported type '{suffix}'; "
-        f"use one of {', '.join(FILE_SUFFIXES)}"
-    )
+    raise UserError(f"dataset file {path} has an unsupported type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
 
 
 def decode_utf8(data: bytes, name: str) -> str:
@@ -174,8 +164,7 @@ def decode_utf8(data: bytes, name: str) -> str:
         offset = skip + e.start
         line = data.count(b"\n", 0, offset) + 1
         raise UserError(
-            f"{name} is not valid UTF-8 at byte offset {offset} (line {line}); "
-            "re-save the file with UTF-8 encoding"
+            f"{name} is not valid UTF-8 at byte offset {offset} (line {line}); re-save the file with UTF-8 encoding"
         ) from None
 
 
@@ -186,9 +175,7 @@ def _read_json(text: str, name: str) -> Records:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             # One object per line under a .json name, as datasets' to_json and pandas' lines=True write.
             return _read_jsonl(text, name)
-        raise UserError(
-            f"{name} line {e.lineno} column {e.colno} is not valid JSON ({e.msg}); fix the file"
-        ) from None
+        raise UserError(f"{name} line {e.lineno} column {e.colno} is not valid JSON ({e.msg}); fix the file") from None
     if not isinstance(data, list):
         raise UserError(
             f"{name} holds a JSON {_json_type(data)}, expected a list of records; "
@@ -198,7 +185,7 @@ def _read_json(text: str, name: str) -> Records:
         if not isinstance(item, dict):
             raise UserError(
                 f"{name} record {i + 1} is a JSON {_json_type(item)}, expected an object; "
-                "make each record an object like {\"instruction\": ...}"
+                'make each record an object like {"instruction": ...}'
             )
     return Records(data, source=name)
 
@@ -248,9 +235,7 @@ def _read_csv(text: str, name: str, delimiter: str) -> Records:
                 lines.append(first_line)
             first_line = reader.line_num + 1
     except csv.Error as e:
-        raise UserError(
-            f"{name} line {reader.line_num} is not valid CSV ({e}); fix the file"
-        ) from None
+        raise UserError(f"{name} line {reader.line_num} is not valid CSV ({e}); fix the file") from None
     return Records(records, source=name, lines=lines)
 
 
@@ -273,9 +258,7 @@ def _read_parquet(path: Path) -> Records:
     try:
         table = pq.read_table(path)
     except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(
-            f"cannot read {path} as Parquet ({_first_line(e)}); check the file"
-        ) from None
+        raise UserError(f"cannot read {path} as Parquet ({_first_line(e)}); check the file") from None
     return Records(table.to_pylist(), source=str(path))
 
 
@@ -309,9 +292,7 @@ def _import_datasets() -> Any:
     try:
         import datasets  # optional extra, slow to import: only Hub datasets and dataset folders need it
     except ImportError:
-        raise UserError(
-            f"reading Hugging Face datasets needs the 'datasets' package; run {_HF_EXTRA}"
-        ) from None
+        raise UserError(f"reading Hugging Face datasets needs the 'datasets' package; run {_HF_EXTRA}") from None
     return datasets
 
 
@@ -321,8 +302,7 @@ def _read_saved(path: Path, split: str, split_key: str) -> Records:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises many types for a damaged folder
         raise UserError(
-            f"cannot load the saved dataset in {path} ({_first_line(e)}); save it again "
-            "with Dataset.save_to_disk"
+            f"cannot load the saved dataset in {path} ({_first_line(e)}); save it again with Dataset.save_to_disk"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
@@ -332,17 +312,16 @@ def _read_saved(path: Path, split: str, split_key: str) -> Records:
             )
         loaded = loaded[split]
     elif canonical_split(split) != "train":
-        raise UserError(
-            f"saved dataset {path} is a single split, asked for '{split}'; "
-            f"use {split_key}='train'"
-        )
+        raise UserError(f"saved dataset {path} is a single split, asked for '{split}'; use {split_key}='train'")
     return Records(loaded.to_list(), source=str(path))
 
 
 def _read_hub(name: str, split: str, subset: Optional[str], split_key: str) -> Records:
     datasets = _import_datasets()
     try:
-        loaded = datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
+        loaded = (
+            datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
+        )
     except Exception as e:  # network, missing name, bad split or subset: all fixable by the user
         which = f" subset '{subset}'" if subset else ""
         raise UserError(

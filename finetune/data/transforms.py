@@ -11,8 +11,7 @@ from finetune.errors import UserError
 from finetune.tokenizers import Message, Tokenizer
 
 # ShareGPT speaker names and the roles they mean.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant",
-                  "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
@@ -71,10 +70,7 @@ def chat_messages(record: Mapping[str, Any], where: str, train_on_input: bool) -
         weights = [_weight(t, where, i) for i, t in enumerate(turns)]
     elif "conversations" in record:
         turns = _turns(record, "conversations", where, ("from", "value"))
-        roles = [
-            SHAREGPT_ROLES[_role(t["from"], tuple(SHAREGPT_ROLES), "from", where, i)]
-            for i, t in enumerate(turns)
-        ]
+        roles = [SHAREGPT_ROLES[_role(t["from"], tuple(SHAREGPT_ROLES), "from", where, i)] for i, t in enumerate(turns)]
         contents = [_content(t, "value", where, i) for i, t in enumerate(turns)]
         weights = [_weight(t, where, i) for i, t in enumerate(turns)]
     else:
@@ -115,9 +111,7 @@ def check_turn_order(roles: Sequence[str], where: str) -> None:
         )
 
 
-def text_chunks(
-    record: Mapping[str, Any], where: str, tokenizer: Tokenizer, max_seq_len: int
-) -> list[list[int]]:
+def text_chunks(record: Mapping[str, Any], where: str, tokenizer: Tokenizer, max_seq_len: int) -> list[list[int]]:
     """bos + text + eos, cut into pieces of at most `max_seq_len` tokens.
 
     A last piece of one token is dropped: it has nothing to predict.
@@ -127,9 +121,7 @@ def text_chunks(
     return [chunk for chunk in chunks if len(chunk) > 1]
 
 
-def _turns(
-    record: Mapping[str, Any], column: str, where: str, keys: tuple[str, str]
-) -> list[Mapping[str, Any]]:
+def _turns(record: Mapping[str, Any], column: str, where: str, keys: tuple[str, str]) -> list[Mapping[str, Any]]:
     turns = record[column]
     if not isinstance(turns, list) or not turns:
         raise UserError(
@@ -148,9 +140,7 @@ def _turns(
 
 def _role(value: Any, allowed: Sequence[str], key: str, where: str, i: int) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise UserError(
-            f"turn {i + 1} of {where} has {key} {value!r}; use one of {', '.join(allowed)}"
-        )
+        raise UserError(f"turn {i + 1} of {where} has {key} {value!r}; use one of {', '.join(allowed)}")
     return value
 
 
@@ -158,8 +148,7 @@ def _content(turn: Mapping[str, Any], key: str, where: str, i: int) -> str:
     value = turn[key]
     if not isinstance(value, str):
         raise UserError(
-            f"turn {i + 1} of {where} has '{key}' holding {_describe(value)}, expected text; "
-            "fix the record"
+            f"turn {i + 1} of {where} has '{key}' holding {_describe(value)}, expected text; fix the record"
         )
     return _checked_text(value, f"'{key}' of turn {i + 1} in {where}")
 

@@ -75,7 +75,7 @@ class HarnessModel(_HarnessLM):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self._encode(context + continuation)
         context_ids = self._encode(context)
-        return [self.tokenizer.bos_id] + context_ids, whole[len(context_ids):]
+        return [self.tokenizer.bos_id] + context_ids, whole[len(context_ids) :]
 
     # ----- the harness's interface -----
 
@@ -157,7 +157,7 @@ class HarnessModel(_HarnessLM):
                         f"a continuation has {len(continuation)} tokens, more than max_seq_len={self.max_seq_len}; "
                         "raise max_seq_len"
                     )
-                rows.append((context + continuation)[-(self.max_seq_len + 1):][:-1])
+                rows.append((context + continuation)[-(self.max_seq_len + 1) :][:-1])
             tokens = torch.full((len(rows), max(map(len, rows))), self.tokenizer.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 tokens[r, : len(row)] = torch.tensor(row)
@@ -184,7 +184,13 @@ class HarnessModel(_HarnessLM):
             return streams[row].stopped  # a stop string ends the row early
 
         generate(
-            self.model, prompts, max_new_tokens=max_new, stop_tokens=self.tokenizer.stop_tokens,
-            temperature=temperature, seed=self.seed, pad_id=self.tokenizer.pad_id, on_token=on_token,
+            self.model,
+            prompts,
+            max_new_tokens=max_new,
+            stop_tokens=self.tokenizer.stop_tokens,
+            temperature=temperature,
+            seed=self.seed,
+            pad_id=self.tokenizer.pad_id,
+            on_token=on_token,
         )
         return [stream.text for stream in streams]

@@ -24,7 +24,9 @@ __all__ = [
 def model_args(name: str) -> ModelArgs:
     """Architecture of a named model, e.g. "llama3_1_8b" or "tiny"."""
     if name not in MODEL_NAMES:
-        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)} (or 'auto' to read the checkpoint)")
+        raise UserError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)} (or 'auto' to read the checkpoint)"
+        )
     return published_args(name)
 
 

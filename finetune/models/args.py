@@ -89,7 +89,14 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
 # (multiple_of, ffn_dim_multiplier) pairs used by published Meta checkpoints, tried first so a
 # saved params.json looks like the original.
 _PUBLISHED_FFN_PARAMS = (
-    (256, None), (4096, 1.3), (1024, 1.3), (4096, 1.2), (256, 1.5), (256, 1.0), (1024, None), (1, None),
+    (256, None),
+    (4096, 1.3),
+    (1024, 1.3),
+    (4096, 1.2),
+    (256, 1.5),
+    (256, 1.0),
+    (1024, None),
+    (1, None),
 )
 
 

@@ -24,8 +24,17 @@ _DEFINITIONS: dict[str, dict] = {
     "llama3_2_1b": dict(_LLAMA3_2, **_arch(2048, 16, 32, 8, 8192)),
     "llama3_2_3b": dict(_LLAMA3_2, **_arch(3072, 28, 24, 8, 8192)),
     "tiny": dict(
-        vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, norm_eps=1e-5,
-        rope_theta=10_000.0, max_seq_len=512, family="llama2", tie_embeddings=False,
+        vocab_size=512,
+        dim=256,
+        n_layers=4,
+        n_heads=8,
+        n_kv_heads=4,
+        hidden_dim=768,
+        norm_eps=1e-5,
+        rope_theta=10_000.0,
+        max_seq_len=512,
+        family="llama2",
+        tie_embeddings=False,
     ),
 }
 

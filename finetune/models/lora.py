@@ -221,7 +221,10 @@ def _target_modules(model: nn.Module, attn_modules: Sequence[str], mlp: bool, ou
         raise UserError(f"lora_attn_modules must be a list such as [q_proj, v_proj], not the string {attn_modules!r}")
     unknown = [name for name in attn_modules if name not in ATTN_MODULES]
     if unknown:
-        raise UserError(f"lora_attn_modules has unknown module(s) {', '.join(map(repr, unknown))}; choose from {', '.join(ATTN_MODULES)}")
+        raise UserError(
+            f"lora_attn_modules has unknown module(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(ATTN_MODULES)}"
+        )
     if not attn_modules and not mlp and not output:
         raise UserError("no module gets an adapter: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output")
     if output and _has_tied_output(model):
@@ -286,7 +289,8 @@ def _replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def nf4_base_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules whose base weight is (or, on meta, will be) stored as NF4 under QLoRA."""
     return {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if isinstance(module, FrozenNF4Linear) or (isinstance(module, LoRALinear) and module.quantize_base)
     }
 
@@ -330,15 +334,22 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
     params = adapter_params(model)
     unknown = sorted(set(state_dict) - set(params))
     if unknown:
-        raise UserError(f"adapter has tensors the model has no adapter for: {', '.join(unknown[:3])}; apply LoRA to the same modules it was trained on")
+        raise UserError(
+            f"adapter has tensors the model has no adapter for: {', '.join(unknown[:3])}; "
+            "apply LoRA to the same modules it was trained on"
+        )
     missing = sorted(set(params) - set(state_dict))
     if strict and missing:
-        raise UserError(f"adapter lacks tensors the model needs: {', '.join(missing[:3])}; it was trained with different LoRA settings")
+        raise UserError(
+            f"adapter lacks tensors the model needs: {', '.join(missing[:3])}; "
+            "it was trained with different LoRA settings"
+        )
     with torch.no_grad():
         for name, tensor in state_dict.items():
             if tuple(tensor.shape) != tuple(params[name].shape):
                 raise UserError(
-                    f"adapter tensor {name} has shape {list(tensor.shape)} but the model expects {list(params[name].shape)}; "
+                    f"adapter tensor {name} has shape {list(tensor.shape)} but the model expects "
+                    f"{list(params[name].shape)}; "
                     "check lora_rank and the base model"
                 )
             params[name].copy_(tensor)

@@ -32,9 +32,7 @@ def _apply_llama3_scaling(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch
     wavelen = 2 * math.pi / inv_freq
     # Long wavelengths (low frequencies) are slowed down by `factor`; short ones are kept.
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     in_between = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return torch.where(in_between, blended, scaled)

@@ -40,8 +40,13 @@ class KVCache(nn.Module):
     """
 
     def __init__(
-        self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
-        dtype: torch.dtype, device: Optional[torch.device],
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Optional[torch.device],
     ) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -56,9 +61,7 @@ class KVCache(nn.Module):
         self.k_cache.zero_()
         self.v_cache.zero_()
 
-    def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [b, n_kv, s, hd] at cache positions `input_pos` [s]; return the whole cache."""
         batch = k.shape[0]
         if batch > self.k_cache.shape[0]:
@@ -249,15 +252,20 @@ class TransformerDecoder(nn.Module):
     # ----- KV cache -----
 
     def setup_caches(
-        self, batch_size: int, max_seq_len: int,
-        dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
     ) -> None:
         """Allocate a KV cache per layer; then every forward must pass `input_pos`."""
         weight = self.tok_embeddings.weight
         dtype = dtype if dtype is not None else weight.dtype
         device = device if device is not None else weight.device
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device)
+            layer.attn.kv_cache = KVCache(
+                batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype, device
+            )
 
     def caches_are_enabled(self) -> bool:
         return self.layers[0].attn.kv_cache is not None

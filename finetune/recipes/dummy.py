@@ -52,8 +52,13 @@ class DummyRecipe:
                 dist.all_reduce(share)
             loss = share.item() / (self.world_size * (self.world_size + 1) / 2)
             if self.rank == 0 and step % self.params.log_every_n_steps == 0:
-                record = {"step": step, "loss": loss, "lr": self.params.lr, "ranks": self.world_size,
-                          "time": time.time()}
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": self.params.lr,
+                    "ranks": self.world_size,
+                    "time": time.time(),
+                }
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
         self.save_checkpoint()

@@ -78,7 +78,9 @@ class EleutherEvalRecipe:
         if p.include_path is not None:
             include = str(resolve_path(p.include_path))
             if not Path(include).is_dir():
-                raise UserError(f"include_path {include} is not a directory; point it at the folder holding your task YAMLs")
+                raise UserError(
+                    f"include_path {include} is not a directory; point it at the folder holding your task YAMLs"
+                )
             # Indexing the harness's own ~15k task files takes many seconds: skip it when
             # the user's folder has every task asked for.
             custom = tasks_module.TaskManager(include_path=include, include_defaults=False)
@@ -105,8 +107,12 @@ class EleutherEvalRecipe:
         if limit is not None and limit >= 1:
             limit = int(limit)  # the harness reads a float below 1 as a fraction of each task
         results = self.lm_eval.simple_evaluate(
-            model=self.harness_model, tasks=list(p.tasks), num_fewshot=p.num_fewshot, limit=limit,
-            task_manager=self.task_manager, log_samples=False,
+            model=self.harness_model,
+            tasks=list(p.tasks),
+            num_fewshot=p.num_fewshot,
+            limit=limit,
+            task_manager=self.task_manager,
+            log_samples=False,
         )
         utils = importlib.import_module("lm_eval.utils")  # late: lm-eval is optional
         print(utils.make_table(results), flush=True)
@@ -143,7 +149,9 @@ def results_file(output_path: str) -> Path:
     if path.is_dir() or output_path.endswith(("/", "\\")):
         return path / "results.json"
     if path.suffix != ".json":
-        raise UserError(f"output_path {output_path} must be a .json file or a folder (end it with /); choose such a path")
+        raise UserError(
+            f"output_path {output_path} must be a .json file or a folder (end it with /); choose such a path"
+        )
     return path
 
 

@@ -48,8 +48,13 @@ class FullFinetuneRecipe:
         # Weights last: a bad tokenizer or dataset is reported before minutes of loading.
         self.model = self._setup_model(resume_dir)
         self.loop = TrainingLoop(
-            self.run, self.model, list(self.model.parameters()), data, pad_id=self.tokenizer.pad_id,
-            gather_weights=lambda: full_model_state_dict(self.model), write_weights=self._write_weights,
+            self.run,
+            self.model,
+            list(self.model.parameters()),
+            data,
+            pad_id=self.tokenizer.pad_id,
+            gather_weights=lambda: full_model_state_dict(self.model),
+            write_weights=self._write_weights,
             resume_dir=resume_dir,
         )
         self.run.log(f"model {p.model}: {num_params(self.model):,} parameters {self.loop.describe()}")
@@ -59,7 +64,9 @@ class FullFinetuneRecipe:
         if resume_dir is not None:  # a resumed run continues from its own weights, not the original ones
             state_dict = self.run.load_weights(self.source.args, resume_dir, "hf")
         else:
-            state_dict = self.run.load_weights(self.source.args, self.source.checkpoint_dir, self.params.checkpoint_format)
+            state_dict = self.run.load_weights(
+                self.source.args, self.source.checkpoint_dir, self.params.checkpoint_format
+            )
         return self.run.prepare_model(self.source.args, state_dict)
 
     def _write_weights(self, state_dict: dict[str, torch.Tensor], folder: Path) -> None:

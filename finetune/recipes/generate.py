@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
-from finetune.data.templates import get_template
 from finetune.data.sources import read_file
+from finetune.data.templates import get_template
 from finetune.errors import UserError
 from finetune.inference import load_inference_model, prepare_inference
 from finetune.models import num_params
@@ -65,8 +65,10 @@ class GenerateRecipe:
         self.device, self.model_args, self.tokenizer = inference.device, inference.model_args, inference.tokenizer
         self.template = None if p.chat or p.template == "none" else get_template(p.template)
         if p.temperature == 0 and (p.top_k is not None or p.top_p is not None):
-            self.log("note: top_k and top_p shape sampling, which needs temperature > 0; at temperature=0 "
-                     "decoding is greedy and they do nothing (set e.g. temperature=0.7 to sample)")
+            self.log(
+                "note: top_k and top_p shape sampling, which needs temperature > 0; at temperature=0 "
+                "decoding is greedy and they do nothing (set e.g. temperature=0.7 to sample)"
+            )
         self.log(f"prompt format: {self._describe_format()}")
         self.prompts = self._read_prompts()
         for prompt in self.prompts:
@@ -88,7 +90,9 @@ class GenerateRecipe:
 
     def _describe_format(self) -> str:
         if self.params.chat:
-            return f"{self.tokenizer.family} chat format" + (" with a system prompt" if self.params.system_prompt else "")
+            return f"{self.tokenizer.family} chat format" + (
+                " with a system prompt" if self.params.system_prompt else ""
+            )
         return f"template {self.template.name}" if self.template else "none (raw text)"
 
     def _read_prompts(self) -> list[Prompt]:
@@ -197,9 +201,16 @@ class GenerateRecipe:
 
         started = time.perf_counter()
         outputs = generate(
-            self.model, [prompt.tokens or [] for prompt in batch], max_new_tokens=p.max_new_tokens,
-            stop_tokens=self.tokenizer.stop_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            seed=seed, pad_id=self.tokenizer.pad_id, on_token=on_token,
+            self.model,
+            [prompt.tokens or [] for prompt in batch],
+            max_new_tokens=p.max_new_tokens,
+            stop_tokens=self.tokenizer.stop_tokens,
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=seed,
+            pad_id=self.tokenizer.pad_id,
+            on_token=on_token,
         )
         elapsed = time.perf_counter() - started
         if live:

@@ -42,8 +42,16 @@ from finetune.training.run import ModelSource, RunContext, close_run, load_model
 PARAMS_CLASS = LoraFinetuneParams
 ALIASES = ("lora_finetune_single_device", "lora_finetune_distributed")  # other names `tune` runs it by
 # What the adapter is: a resumed run must keep these (the optimizer state and the scale follow them).
-LORA_SETTINGS = ("lora_attn_modules", "apply_lora_to_mlp", "apply_lora_to_output", "lora_rank", "lora_alpha",
-                 "lora_dropout", "use_dora", "quantize_base")
+LORA_SETTINGS = (
+    "lora_attn_modules",
+    "apply_lora_to_mlp",
+    "apply_lora_to_output",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "use_dora",
+    "quantize_base",
+)
 
 Weights = tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]]]  # adapter, merged model
 
@@ -60,8 +68,14 @@ class LoraFinetuneRecipe:
     def _add_adapters(self, model: nn.Module) -> None:
         p = self.params
         apply_lora(
-            model, attn_modules=p.lora_attn_modules, mlp=p.apply_lora_to_mlp, output=p.apply_lora_to_output,
-            rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, use_dora=p.use_dora,
+            model,
+            attn_modules=p.lora_attn_modules,
+            mlp=p.apply_lora_to_mlp,
+            output=p.apply_lora_to_output,
+            rank=p.lora_rank,
+            alpha=p.lora_alpha,
+            dropout=p.lora_dropout,
+            use_dora=p.use_dora,
             quantize_base=p.quantize_base,
         )
         set_trainable_params(model)
@@ -69,7 +83,9 @@ class LoraFinetuneRecipe:
     def setup(self) -> None:
         p = self.params
         self.run = start_run(p)
-        resume_dir = find_resume_checkpoint(self.run.output_dir, self.run.log, lora=True) if p.resume_from_checkpoint else None
+        resume_dir = (
+            find_resume_checkpoint(self.run.output_dir, self.run.log, lora=True) if p.resume_from_checkpoint else None
+        )
         if resume_dir is not None:
             check_resume_settings(resume_dir, p, LORA_SETTINGS)
         self.source: ModelSource = load_model_source(p)
@@ -80,11 +96,19 @@ class LoraFinetuneRecipe:
         self.model = self._setup_model(resume_dir)
         trainable = [param for param in self.model.parameters() if param.requires_grad]
         self.loop = TrainingLoop(
-            self.run, self.model, trainable, data, pad_id=self.tokenizer.pad_id, gather_weights=self._gather_weights,
-            write_weights=self._write_weights, resume_dir=resume_dir,
+            self.run,
+            self.model,
+            trainable,
+            data,
+            pad_id=self.tokenizer.pad_id,
+            gather_weights=self._gather_weights,
+            write_weights=self._write_weights,
+            resume_dir=resume_dir,
         )
-        self.run.log(f"model {p.model} with LoRA: {num_params(self.model, trainable_only=True):,} trainable of "
-                     f"{num_params(self.model):,} parameters {self.loop.describe()}")
+        self.run.log(
+            f"model {p.model} with LoRA: {num_params(self.model, trainable_only=True):,} trainable of "
+            f"{num_params(self.model):,} parameters {self.loop.describe()}"
+        )
 
     def _setup_model(self, resume_dir: Optional[Path]) -> TransformerDecoder:
         """The base from the original checkpoint, adapters seeded, or loaded from `resume_dir`."""
@@ -124,7 +148,12 @@ class LoraFinetuneRecipe:
         p = self.params
         adapter, merged = weights
         save_peft_adapter(
-            adapter, folder, rank=p.lora_rank, alpha=p.lora_alpha, dropout=p.lora_dropout, use_dora=p.use_dora,
+            adapter,
+            folder,
+            rank=p.lora_rank,
+            alpha=p.lora_alpha,
+            dropout=p.lora_dropout,
+            use_dora=p.use_dora,
             base_model_name_or_path=str(resolve_path(p.checkpoint_dir).resolve()) if p.checkpoint_dir else None,
         )
         if merged is not None:
@@ -154,10 +183,14 @@ def check_rank_fits(p: LoraFinetuneParams, args: ModelArgs) -> None:
     """A rank above an adapted layer's smaller side adds parameters and memory but no capacity."""
     kv_dim = args.n_kv_heads * (args.dim // args.n_heads)
     sides = {"q_proj": args.dim, "k_proj": kv_dim, "v_proj": kv_dim, "output_proj": args.dim}
-    smallest = min([sides[m] for m in p.lora_attn_modules] + [args.dim] * (p.apply_lora_to_mlp or p.apply_lora_to_output))
+    smallest = min(
+        [sides[m] for m in p.lora_attn_modules] + [args.dim] * (p.apply_lora_to_mlp or p.apply_lora_to_output)
+    )
     if p.lora_rank > smallest:
-        raise UserError(f"lora_rank={p.lora_rank} exceeds {smallest}, the smallest side of an adapted layer of "
-                        f"model {p.model}; use a rank of at most {smallest} (8 to 64 is usual)")
+        raise UserError(
+            f"lora_rank={p.lora_rank} exceeds {smallest}, the smallest side of an adapted layer of "
+            f"model {p.model}; use a rank of at most {smallest} (8 to 64 is usual)"
+        )
 
 
 main = recipe_main(PARAMS_CLASS, "tune lora_finetune", lambda params: run_recipe(LoraFinetuneRecipe(params)))

@@ -26,16 +26,15 @@ from finetune.checkpointing.quantized import (
     weights_size,
 )
 from finetune.checkpointing.writers import hf_output_extras
-from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.data import build_dataset
 from finetune.errors import UserError
 from finetune.evaluation.perplexity import perplexity
 from finetune.inference import resolve_inference_dtype, tokenizer_location
 from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
-from finetune.recipes import recipe_main, run_once
 from finetune.quantization import GROUPED_SCHEMES, check_scheme_device, quantize_model
-from finetune.tokenizers.loader import resolve_tokenizer_path
+from finetune.recipes import recipe_main, run_once
+from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
 
 PARAMS_CLASS = QuantizeParams
@@ -60,7 +59,8 @@ class QuantizeRecipe:
         if is_quantized_checkpoint(self.checkpoint_dir):
             scheme = read_quantization_record(self.checkpoint_dir)["scheme"]
             raise UserError(
-                f"checkpoint_dir {self.checkpoint_dir} is already quantized ({scheme}); quantize the original checkpoint instead"
+                f"checkpoint_dir {self.checkpoint_dir} is already quantized ({scheme}); "
+                "quantize the original checkpoint instead"
             )
         check_scheme_device(p.scheme, self.device, self.dtype)
         self.output_dir = resolve_path(p.output_dir)
@@ -85,8 +85,12 @@ class QuantizeRecipe:
         p = self.params
         return build_dataset(
             str(resolve_path(source)) if source.startswith("pkg:") else source,
-            dataset_type=p.dataset_type, tokenizer=self.tokenizer, template=p.template,
-            max_seq_len=min(p.max_seq_len, self.model_args.max_seq_len), train_on_input=train_on_input, log=self.log,
+            dataset_type=p.dataset_type,
+            tokenizer=self.tokenizer,
+            template=p.template,
+            max_seq_len=min(p.max_seq_len, self.model_args.max_seq_len),
+            train_on_input=train_on_input,
+            log=self.log,
         )
 
     def _eval_samples(self) -> list[dict[str, list[int]]]:
@@ -108,7 +112,10 @@ class QuantizeRecipe:
         generator = torch.Generator().manual_seed(p.seed)
         order = torch.randperm(len(dataset), generator=generator)[: p.calibration_samples].tolist()
         if len(order) < p.calibration_samples:
-            self.log(f"calibration_dataset has {len(order)} samples, fewer than calibration_samples={p.calibration_samples}: using all")
+            self.log(
+                f"calibration_dataset has {len(order)} samples, "
+                f"fewer than calibration_samples={p.calibration_samples}: using all"
+            )
         return [torch.tensor(dataset[i]["tokens"], device=self.device) for i in order]
 
     # ------------------------------------------------------------------------------------------
@@ -119,7 +126,11 @@ class QuantizeRecipe:
         """Measure, quantize, measure, save; returns what was written to quantization.json."""
         p = self.params
         model, _ = load_model(
-            self.checkpoint_dir, self.model_args, checkpoint_format=p.checkpoint_format, device=self.device, dtype=self.dtype
+            self.checkpoint_dir,
+            self.model_args,
+            checkpoint_format=p.checkpoint_format,
+            device=self.device,
+            dtype=self.dtype,
         )
         model.eval()
         self.log(f"model from {self.checkpoint_dir}: {num_params(model):,} parameters on {self.device} in {self.dtype}")
@@ -137,14 +148,26 @@ class QuantizeRecipe:
             "source_checkpoint": str(self.checkpoint_dir),
             "source_size_bytes": weights_size(self.checkpoint_dir),
             "quantized_layers": layers,
-            "calibration": {"dataset": p.calibration_dataset, "samples": len(self.calibration)} if self.calibration else None,
-            "perplexity": None if before is None else {
-                "dataset": p.eval_dataset, "tokens": before[1], "before": before[0], "after": after[0] if after else None,
+            "calibration": {"dataset": p.calibration_dataset, "samples": len(self.calibration)}
+            if self.calibration
+            else None,
+            "perplexity": None
+            if before is None
+            else {
+                "dataset": p.eval_dataset,
+                "tokens": before[1],
+                "before": before[0],
+                "after": after[0] if after else None,
             },
         }
         with atomic_directory(self.output_dir) as tmp:
-            extras = hf_output_extras(self.checkpoint_dir, self.tokenizer_file, self.tokenizer.bos_id,
-                                      self.tokenizer.stop_tokens, self.tokenizer.family)
+            extras = hf_output_extras(
+                self.checkpoint_dir,
+                self.tokenizer_file,
+                self.tokenizer.bos_id,
+                self.tokenizer.stop_tokens,
+                self.tokenizer.family,
+            )
             save_quantized_checkpoint(model, tmp, record, **extras)
         record = read_quantization_record(self.output_dir)
         self._report(record)
@@ -163,14 +186,16 @@ class QuantizeRecipe:
         grouped = f" (group size {record['group_size']})" if record["group_size"] else ""
         source, size = record["source_size_bytes"], record["size_bytes"]
         lines = [
-            f"scheme        {p.scheme}{grouped}, torchao {record['torchao_version']}, {record['dtype']} on {self.device.type}",
+            f"scheme        {p.scheme}{grouped}, torchao {record['torchao_version']}, "
+            f"{record['dtype']} on {self.device.type}",
             f"size on disk  {format_bytes(source)} -> {format_bytes(size)} ({source / size:.2f}x smaller)",
         ]
         ppl = record["perplexity"]
         if ppl is not None:
             change = 100 * (ppl["after"] / ppl["before"] - 1)
             lines.append(
-                f"perplexity    {ppl['before']:.4f} -> {ppl['after']:.4f} ({change:+.2f}%) on {ppl['tokens']} tokens of {ppl['dataset']}"
+                f"perplexity    {ppl['before']:.4f} -> {ppl['after']:.4f} ({change:+.2f}%) on {ppl['tokens']} tokens "
+                f"of {ppl['dataset']}"
             )
         lines.append(f"saved         {self.output_dir}")
         print("\n".join(lines), flush=True)

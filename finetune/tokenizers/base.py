@@ -16,9 +16,7 @@ class Tokenizer(Protocol):
 
     family: str  # "llama2" or "llama3"
 
-    def encode(
-        self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False
-    ) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False) -> list[int]:
         """Ids of `text`. `continuation=True` marks text that directly follows earlier text of
         the same sequence, so no leading space is added (Llama 2's dummy prefix)."""
         ...
@@ -40,6 +38,4 @@ class Tokenizer(Protocol):
     @property
     def stop_tokens(self) -> list[int]: ...
 
-    def tokenize_messages(
-        self, messages: Sequence[Message], add_eos: bool = True
-    ) -> tuple[list[int], list[bool]]: ...
+    def tokenize_messages(self, messages: Sequence[Message], add_eos: bool = True) -> tuple[list[int], list[bool]]: ...

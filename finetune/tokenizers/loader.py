@@ -25,9 +25,7 @@ def normalize_family(family: str) -> str:
     for name in FAMILIES:
         if key.startswith(name):
             return name
-    raise UserError(
-        f"unknown tokenizer family {family!r}; use one of {', '.join(FAMILIES)}"
-    )
+    raise UserError(f"unknown tokenizer family {family!r}; use one of {', '.join(FAMILIES)}")
 
 
 def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
@@ -42,14 +40,12 @@ def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
             "tokenizer file of the checkpoint"
         )
     if not path.is_file():
-        raise UserError(
-            f"tokenizer file {path} does not exist; check the tokenizer path in your config"
-        )
+        raise UserError(f"tokenizer file {path} does not exist; check the tokenizer path in your config")
     return path
 
 
 def detect_family(path: Path, data: bytes) -> str:
-    """"llama3" for a tiktoken ranks file, "llama2" for a SentencePiece model.
+    """ "llama3" for a tiktoken ranks file, "llama2" for a SentencePiece model.
 
     SentencePiece files are binary protobuf with no magic number, so the tiktoken text
     format is recognised first and SentencePiece itself judges the rest.

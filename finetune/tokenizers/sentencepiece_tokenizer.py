@@ -61,9 +61,7 @@ class SentencePieceTokenizer:
             )
         self._separator_ids: list[int] = self._sp.encode(_SEPARATOR)
         # Control ids (<s>, </s>, ...) never come out of plain text; decode drops them.
-        self._special_ids = frozenset(
-            i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)
-        )
+        self._special_ids = frozenset(i for i in range(self._sp.get_piece_size()) if self._sp.is_control(i))
 
     @property
     def bos_id(self) -> int:
@@ -88,9 +86,7 @@ class SentencePieceTokenizer:
     def stop_tokens(self) -> list[int]:
         return [self.eos_id]
 
-    def encode(
-        self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False
-    ) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False) -> list[int]:
         """Ids of `text`. Strings such as "<s>" in the text are plain text, never control ids.
 
         By default the model's dummy-prefix space is added, as Meta's reference does for
@@ -132,9 +128,7 @@ class SentencePieceTokenizer:
         parts.append(self._sp.decode(run))
         return "".join(parts)
 
-    def tokenize_messages(
-        self, messages: Sequence[Message], add_eos: bool = True
-    ) -> tuple[list[int], list[bool]]:
+    def tokenize_messages(self, messages: Sequence[Message], add_eos: bool = True) -> tuple[list[int], list[bool]]:
         """Llama 2 chat layout, one `<s>...</s>` block per user/assistant exchange.
 
         `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>`, then
@@ -174,14 +168,9 @@ def _exchanges(
     """Group messages into (system, user, assistant) triples, checking Llama 2's order."""
     for m in messages:
         if m.role not in ROLES:
-            raise UserError(
-                f"unknown message role {m.role!r}; use one of {', '.join(ROLES)}"
-            )
+            raise UserError(f"unknown message role {m.role!r}; use one of {', '.join(ROLES)}")
         if m.role == "ipython":
-            raise UserError(
-                "the Llama 2 chat format has no 'ipython' role; drop tool messages or use a "
-                "Llama 3 model"
-            )
+            raise UserError("the Llama 2 chat format has no 'ipython' role; drop tool messages or use a Llama 3 model")
     rest = list(messages)
     system = rest.pop(0) if rest and rest[0].role == "system" else None
     groups: list[tuple[Optional[Message], Message, Optional[Message]]] = []
@@ -202,7 +191,5 @@ def _exchanges(
             )
         groups.append((system if not groups else None, user, assistant))
     if system is not None and not groups:
-        raise UserError(
-            "a Llama 2 conversation needs a user message after the system message; add one"
-        )
+        raise UserError("a Llama 2 conversation needs a user message after the system message; add one")
     return groups

@@ -36,8 +36,7 @@ _NAMED_SPECIAL_TOKENS = [
 ]
 # Ids follow the base ranks in this order: <|begin_of_text|> is 128000 for the real vocab.
 SPECIAL_TOKENS: list[str] = _NAMED_SPECIAL_TOKENS + [
-    f"<|reserved_special_token_{i}|>"
-    for i in range(2, 2 + NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
+    f"<|reserved_special_token_{i}|>" for i in range(2, 2 + NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
 ]
 
 # tiktoken's regex backtracks badly (and can overflow its stack) on very long runs of
@@ -133,9 +132,7 @@ class TikTokenTokenizer:
         self.path = Path(path)
         ranks = ranks if ranks is not None else read_ranks(self.path, data)
         self.num_base_tokens = len(ranks)
-        self.special_tokens = {
-            tok: self.num_base_tokens + i for i, tok in enumerate(SPECIAL_TOKENS)
-        }
+        self.special_tokens = {tok: self.num_base_tokens + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self._enc = tiktoken.Encoding(
             name=f"llama3:{self.path}",
             pat_str=LLAMA3_PATTERN,
@@ -175,9 +172,7 @@ class TikTokenTokenizer:
             ids += self._enc.encode(piece, allowed_special=set(), disallowed_special=())
         return ids
 
-    def encode(
-        self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False
-    ) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False) -> list[int]:
         """Ids of `text`; special-token strings in it are plain text, never special ids.
 
         `continuation` exists for interface parity: tiktoken adds no leading space anyway.
@@ -204,9 +199,7 @@ class TikTokenTokenizer:
             *self._encode_plain("\n\n"),
         ]
 
-    def tokenize_messages(
-        self, messages: Sequence[Message], add_eos: bool = True
-    ) -> tuple[list[int], list[bool]]:
+    def tokenize_messages(self, messages: Sequence[Message], add_eos: bool = True) -> tuple[list[int], list[bool]]:
         """Llama 3 chat layout: `<|begin_of_text|>` then, per message,
         `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`.
 
@@ -220,9 +213,7 @@ class TikTokenTokenizer:
         mask = [True]
         for n, message in enumerate(messages):
             if message.role not in ROLES:
-                raise UserError(
-                    f"unknown message role {message.role!r}; use one of {', '.join(ROLES)}"
-                )
+                raise UserError(f"unknown message role {message.role!r}; use one of {', '.join(ROLES)}")
             header = self.tokenize_header(message.role)
             tokens += header
             mask += [message.is_masked or message.role == "assistant"] * len(header)

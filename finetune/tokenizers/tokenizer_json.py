@@ -13,7 +13,13 @@ from finetune.errors import UserError
 from finetune.tokenizers.tiktoken_tokenizer import LLAMA3_PATTERN, SPECIAL_TOKENS
 
 # Special tokens whose ids the Llama 3 chat format relies on; stable across 3.0, 3.1 and 3.2.
-_CHECKED_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+_CHECKED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
 
 
 def is_json(data: bytes) -> bool:
@@ -49,7 +55,9 @@ def read_tokenizer_json_ranks(path: Path, data: bytes) -> dict[bytes, int]:
     try:
         spec = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); use the tokenizer files that ship with the checkpoint") from None
+        raise UserError(
+            f"{path} is not valid JSON ({e}); use the tokenizer files that ship with the checkpoint"
+        ) from None
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise _refuse(path, "is not a BPE tokenizer.json")

@@ -179,8 +179,6 @@ def activation_offloading(
         return
     if use_streams is None:
         use_streams = torch.cuda.is_available()
-    hooks = _OffloadHooks(
-        use_streams=use_streams, min_bytes=min_bytes, prefetch=prefetch, device_types=_device_types
-    )
+    hooks = _OffloadHooks(use_streams=use_streams, min_bytes=min_bytes, prefetch=prefetch, device_types=_device_types)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         yield

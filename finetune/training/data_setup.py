@@ -58,17 +58,33 @@ def build_data(
     subset = params.dataset_subset if _local_name(source) == _local_name(params.dataset) else None
     dataset = build_dataset(
         _local_name(source),
-        dataset_type=params.dataset_type, tokenizer=tokenizer, max_seq_len=params.max_seq_len,
-        template=params.template, train_on_input=params.train_on_input, column_map=params.column_map,
-        split=split, split_key=split_key, subset=subset, packed=params.packed, log=log,
+        dataset_type=params.dataset_type,
+        tokenizer=tokenizer,
+        max_seq_len=params.max_seq_len,
+        template=params.template,
+        train_on_input=params.train_on_input,
+        column_map=params.column_map,
+        split=split,
+        split_key=split_key,
+        subset=subset,
+        packed=params.packed,
+        log=log,
     )
     sampler = ResumableDistributedSampler(
-        len(dataset), rank=dist.rank, world_size=dist.world_size, seed=params.seed, shuffle=shuffle,
+        len(dataset),
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=params.seed,
+        shuffle=shuffle,
         drop_last=shuffle,
     )
     loader = build_dataloader(
-        dataset, batch_size=params.batch_size, sampler=sampler, num_workers=params.num_workers,
-        collate_fn=partial(collate, pad_id=tokenizer.pad_id), seed=params.seed,
+        dataset,
+        batch_size=params.batch_size,
+        sampler=sampler,
+        num_workers=params.num_workers,
+        collate_fn=partial(collate, pad_id=tokenizer.pad_id),
+        seed=params.seed,
     )
     return loader, sampler
 
@@ -86,8 +102,14 @@ def build_eval_data(
             "to hold some out, set e.g. split=train[:95%] eval_split=train[95%:]"
         )
     loader, _ = build_data(
-        params, tokenizer, dist, source=params.eval_dataset, split=params.eval_split, shuffle=False,
-        split_key="eval_split", log=log,
+        params,
+        tokenizer,
+        dist,
+        source=params.eval_dataset,
+        split=params.eval_split,
+        shuffle=False,
+        split_key="eval_split",
+        log=log,
     )
     return loader
 

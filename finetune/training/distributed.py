@@ -128,8 +128,10 @@ def _exit_without_launcher() -> None:
     backstop = threading.Timer(5.0, os._exit, (LAUNCHER_GONE_EXIT_STATUS,))
     backstop.daemon = True
     backstop.start()
-    message = (f"the launcher (pid {_LAUNCHER_PID}) ended without stopping its workers; they stopped "
-               "without saving (resume_from_checkpoint=true continues from the last checkpoint)")
+    message = (
+        f"the launcher (pid {_LAUNCHER_PID}) ended without stopping its workers; they stopped "
+        "without saving (resume_from_checkpoint=true continues from the last checkpoint)"
+    )
     for hook in list(_launcher_death_hooks):
         try:
             hook(message)
@@ -214,14 +216,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(
-                "device=cuda was requested but no CUDA GPU is available; set device=cpu or device=auto"
-            )
+            raise UserError("device=cuda was requested but no CUDA GPU is available; set device=cpu or device=auto")
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise UserError(
-                f"local rank {local_rank} has no GPU (this node has {count}); "
-                f"launch at most {count} processes per node"
+                f"local rank {local_rank} has no GPU (this node has {count}); launch at most {count} processes per node"
             )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

@@ -129,9 +129,7 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return _snapshot(get_model_state_dict(model, options=options), _live_storages(model))
 
 
-def load_full_model_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True
-) -> None:
+def load_full_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True) -> None:
     """Load a full state dict held on rank 0 (others may pass {}) into a sharded or plain model."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=_use_collectives(), strict=strict)
     # torch writes the sharded tensors back into the dict it is given: pass a copy.

@@ -125,8 +125,7 @@ class StopAtStepBoundary:
             _SigtermSeen.value = True  # a second one on the way out is ignored (preempt_on_sigterm)
         if self.requested is None and self._log is not None:
             reason = "SIGTERM (preemption)" if signum == signal.SIGTERM else "interrupt"
-            self._log(f"{reason}: stopping after this step and saving a checkpoint "
-                      "(kill the process to stop at once)")
+            self._log(f"{reason}: stopping after this step and saving a checkpoint (kill the process to stop at once)")
         if self.requested is None or _STOP_CODES[signum] > _STOP_CODES[self.requested]:
             self.requested = signum
 

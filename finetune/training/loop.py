@@ -82,8 +82,11 @@ class TrainingLoop:
             p.optimizer, trainable_params, lr=p.lr, weight_decay=p.weight_decay, device=run.device
         )
         self.lr_scheduler = build_lr_scheduler(
-            p.lr_scheduler, self.optimizer, warmup_steps=p.warmup_steps,
-            total_steps=self.steps_per_epoch * p.epochs, log=run.log,
+            p.lr_scheduler,
+            self.optimizer,
+            warmup_steps=p.warmup_steps,
+            total_steps=self.steps_per_epoch * p.epochs,
+            log=run.log,
         )
         if resume_dir is not None:
             self._load_recipe_state(resume_dir)
@@ -94,8 +97,10 @@ class TrainingLoop:
 
     def describe(self) -> str:
         """Where and how long the run trains, for the line a recipe prints after setup."""
-        return (f"on {self.run.device} in {self.run.dtype}; {self.run.dist.world_size} process(es); "
-                f"{self.steps_per_epoch} steps per epoch")
+        return (
+            f"on {self.run.device} in {self.run.dtype}; {self.run.dist.world_size} process(es); "
+            f"{self.steps_per_epoch} steps per epoch"
+        )
 
     def _load_recipe_state(self, checkpoint: Path) -> None:
         state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
@@ -118,8 +123,11 @@ class TrainingLoop:
         if self.eval_loader is not None and self.global_step == 0:
             self._log_metrics({"eval_loss": self.evaluate()})
         progress = tqdm(
-            total=self.steps_per_epoch * p.epochs, initial=self.global_step, disable=not run.rank_zero,
-            desc="train", dynamic_ncols=True,
+            total=self.steps_per_epoch * p.epochs,
+            initial=self.global_step,
+            disable=not run.rank_zero,
+            desc="train",
+            dynamic_ncols=True,
         )
         profiler = build_profiler(
             p.profile, run.output_dir, wait=p.profile_wait_steps, warmup=1, active=p.profile_active_steps
@@ -143,7 +151,7 @@ class TrainingLoop:
         passing on one that every process already got) only repeats the request.
         """
         try:
-            for self.epoch in range(self.epoch, self.params.epochs):
+            while self.epoch < self.params.epochs:
                 self._train_epoch(progress, profiler, stop)
                 self.steps_done_in_epoch = 0
                 self.epoch += 1
@@ -198,15 +206,22 @@ class TrainingLoop:
     def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> float:
         """Backpropagate every micro-batch; the loss is normalised by all their trained tokens."""
         return accumulate_gradients(
-            self.model, micro_batches, device=self.run.device, world_size=self.run.dist.world_size,
-            loss_chunks=self.params.loss_chunks, offload_activations=self.params.enable_activation_offloading,
+            self.model,
+            micro_batches,
+            device=self.run.device,
+            world_size=self.run.dist.world_size,
+            loss_chunks=self.params.loss_chunks,
+            offload_activations=self.params.enable_activation_offloading,
         )
 
     def evaluate(self) -> float:
         """Mean per-token loss on the held-out data."""
         assert self.eval_loader is not None
         return evaluate(
-            self.model, self.eval_loader, device=self.run.device, loss_chunks=self.params.loss_chunks,
+            self.model,
+            self.eval_loader,
+            device=self.run.device,
+            loss_chunks=self.params.loss_chunks,
             max_batches=self.params.eval_max_batches,
         )
 
@@ -236,14 +251,17 @@ class TrainingLoop:
             with atomic_directory(step_dir) as tmp:
                 self.write_weights(weights, tmp)
                 self.params.to_yaml(tmp / "params.yaml")
-                save_recipe_state(tmp / RECIPE_STATE_FILE, {
-                    "optimizer": optimizer_state,
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "global_step": self.global_step,
-                    "epoch": self.epoch,
-                    "steps_done_in_epoch": self.steps_done_in_epoch,
-                    "rng_states": rng_states,
-                })
+                save_recipe_state(
+                    tmp / RECIPE_STATE_FILE,
+                    {
+                        "optimizer": optimizer_state,
+                        "lr_scheduler": self.lr_scheduler.state_dict(),
+                        "global_step": self.global_step,
+                        "epoch": self.epoch,
+                        "steps_done_in_epoch": self.steps_done_in_epoch,
+                        "rng_states": rng_states,
+                    },
+                )
             if self.params.keep_last_n_checkpoints:
                 prune_checkpoints(run.output_dir, self.params.keep_last_n_checkpoints)
             run.monitor.checkpoint_saved(step_dir)

@@ -117,7 +117,9 @@ def prepare_model(
     for module in replicated.values():
         module.weight = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
     shard_model(
-        model, reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload,
+        model,
+        reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
         ignored_params={module.weight for module in replicated.values()},
     )
     model.to_empty(device="cpu" if cpu_offload else device)

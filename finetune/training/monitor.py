@@ -117,9 +117,7 @@ class JobMonitor:
             raise ValueError(f"unknown job state {state!r}; expected one of {STATES}")
         self._set(state=state)
 
-    def update(
-        self, *, step: Optional[int] = None, epoch: Optional[int] = None, loss: Optional[float] = None
-    ) -> None:
+    def update(self, *, step: Optional[int] = None, epoch: Optional[int] = None, loss: Optional[float] = None) -> None:
         fields: dict[str, Any] = {}
         if step is not None:
             fields["step"] = int(step)

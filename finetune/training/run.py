@@ -68,7 +68,10 @@ class RunContext:
         """The starting weights in the run's dtype, read (or seeded) by rank 0 only; {} elsewhere."""
         return run_on_rank_zero(
             lambda: initial_state_dict(
-                args, weights_dir=weights_dir, checkpoint_format=checkpoint_format, dtype=self.dtype,
+                args,
+                weights_dir=weights_dir,
+                checkpoint_format=checkpoint_format,
+                dtype=self.dtype,
                 seed=self.params.seed,
             ),
             default={},
@@ -84,10 +87,17 @@ class RunContext:
         """The model on this run's device, with the params' memory features, compiled and sharded."""
         p = self.params
         return prepare_model(
-            args, state_dict, dist=self.dist, device=self.device, dtype=self.dtype,
-            activation_checkpointing=p.enable_activation_checkpointing, compile=p.compile,
-            reshard_after_forward=p.reshard_after_forward, cpu_offload=p.cpu_offload,
-            adapt=adapt, initialize=initialize,
+            args,
+            state_dict,
+            dist=self.dist,
+            device=self.device,
+            dtype=self.dtype,
+            activation_checkpointing=p.enable_activation_checkpointing,
+            compile=p.compile,
+            reshard_after_forward=p.reshard_after_forward,
+            cpu_offload=p.cpu_offload,
+            adapt=adapt,
+            initialize=initialize,
         )
 
     def fail(self, error: BaseException) -> None:

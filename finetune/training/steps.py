@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from finetune.models.transformer import LivePositions, live_positions
 from finetune.training.activations import activation_offloading
 from finetune.training.distributed import all_reduce_sum
-from finetune.models.transformer import LivePositions, live_positions
 from finetune.training.loss import chunked_cross_entropy, count_tokens
 
 Batch = dict[str, torch.Tensor]
@@ -34,12 +34,18 @@ def loss_sum(model: nn.Module, batch: Batch, *, loss_chunks: int) -> torch.Tenso
     if not worth_skipping(live):
         live = None
     hidden = model(
-        batch["tokens"], position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"),
-        live=live, return_hidden=True,
+        batch["tokens"],
+        position_ids=batch.get("position_ids"),
+        document_ids=batch.get("document_ids"),
+        live=live,
+        return_hidden=True,
     )
     return chunked_cross_entropy(
-        hidden, model.output, labels if live is None else live.pack(labels),
-        num_chunks=loss_chunks, vocab_size=model.args.vocab_size,
+        hidden,
+        model.output,
+        labels if live is None else live.pack(labels),
+        num_chunks=loss_chunks,
+        vocab_size=model.args.vocab_size,
     )
 
 

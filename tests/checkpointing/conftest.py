@@ -5,7 +5,6 @@ from typing import Callable
 import pytest
 import torch
 
-
 HF_VARIANTS = {
     # name: LlamaConfig overrides on top of the common tiny shape
     "llama2": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10_000.0),
@@ -14,8 +13,11 @@ HF_VARIANTS = {
         num_key_value_heads=2,
         rope_theta=500_000.0,
         rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
         },
     ),
     "tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500_000.0),
@@ -31,8 +33,14 @@ def make_hf_model() -> Callable:
     def make(variant: str = "llama2", seed: int = 0, **overrides):
         torch.manual_seed(seed)
         values = dict(
-            vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            vocab_size=160,
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
         )
         values.update(HF_VARIANTS[variant])
         values.update(overrides)

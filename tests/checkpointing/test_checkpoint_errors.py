@@ -146,7 +146,9 @@ def test_config_json_with_bad_value(hf_dir):
     config = json.loads((hf_dir / "config.json").read_text())
     config["num_key_value_heads"] = 3
     (hf_dir / "config.json").write_text(json.dumps(config))
-    _raises("config.json: model argument n_heads=4 is not a multiple of n_kv_heads=3", model_args_from_checkpoint, hf_dir)
+    _raises(
+        "config.json: model argument n_heads=4 is not a multiple of n_kv_heads=3", model_args_from_checkpoint, hf_dir
+    )
 
 
 def test_unsupported_rope_type(hf_dir):
@@ -175,8 +177,14 @@ def test_unknown_checkpoint_format_name(hf_dir):
 
 def test_missing_tokenizer_file_on_save(tmp_path):
     model = build_model(_args())
-    _raises("tokenizer file .* does not exist", save_hf_checkpoint, model.state_dict(), model.args, tmp_path,
-            tokenizer_files=[tmp_path / "tokenizer.model"])
+    _raises(
+        "tokenizer file .* does not exist",
+        save_hf_checkpoint,
+        model.state_dict(),
+        model.args,
+        tmp_path,
+        tokenizer_files=[tmp_path / "tokenizer.model"],
+    )
 
 
 def test_a_lora_output_as_checkpoint_dir_points_at_merged_and_adapter_dir(tmp_path):
@@ -188,4 +196,5 @@ def test_a_lora_output_as_checkpoint_dir_points_at_merged_and_adapter_dir(tmp_pa
         load_model(step, "auto")
     assert str(info.value) == (
         f"{step} holds a LoRA adapter, not a model: point checkpoint_dir at {step / 'merged'} (the merged model) "
-        f"or the base model; generate and eleuther_eval apply the adapter with adapter_dir={step}")
+        f"or the base model; generate and eleuther_eval apply the adapter with adapter_dir={step}"
+    )

@@ -173,9 +173,12 @@ def test_output_loads_the_source_tokenizer_and_stops_at_every_eos(tmp_path):
     save_llama3_fast_tokenizer(ranks, source)
     tokenizer = load_tokenizer(source)
     source_eos = [tokenizer.eos_id, tokenizer.eot_id]
-    (source / "config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}))
-    (source / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": tokenizer.bos_id, "eos_token_id": source_eos, "temperature": 0.6, "top_p": 0.9}))
+    (source / "config.json").write_text(
+        json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+    )
+    (source / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": tokenizer.bos_id, "eos_token_id": source_eos, "temperature": 0.6, "top_p": 0.9})
+    )
 
     args = dataclasses.replace(model_args("tiny"), vocab_size=tokenizer.vocab_size)
     extras = hf_output_extras(source, ranks, tokenizer.bos_id, tokenizer.stop_tokens)
@@ -199,8 +202,13 @@ def test_output_without_a_source_lists_every_stop_token(tmp_path):
 
     ranks = write_llama3_ranks(tmp_path / "tokenizer.model")
     extras = hf_output_extras(None, ranks, 512, [513, 521, 520])
-    assert extras == {"tokenizer_files": [ranks], "bos_token_id": 512, "eos_token_id": [513, 521, 520],
-                      "generation_defaults": {}, "tokenizer_config": None}
+    assert extras == {
+        "tokenizer_files": [ranks],
+        "bos_token_id": 512,
+        "eos_token_id": [513, 521, 520],
+        "generation_defaults": {},
+        "tokenizer_config": None,
+    }
     assert hf_output_extras(None, ranks, 1, [2])["eos_token_id"] == 2
 
 
@@ -239,5 +247,6 @@ def test_a_named_model_that_differs_from_the_checkpoints_config_is_refused(tmp_p
         resolve_model_args("tiny", tmp_path / "other")
     assert str(info.value) == (
         f"model=tiny does not match the checkpoint in {tmp_path / 'other'} (norm_eps 1e-05 vs 1e-06; "
-        f"rope_theta {tiny.rope_theta} vs 500000.0); set model=auto to use the checkpoint's own architecture")
+        f"rope_theta {tiny.rope_theta} vs 500000.0); set model=auto to use the checkpoint's own architecture"
+    )
     assert resolve_model_args("auto", tmp_path / "other") == dataclasses.replace(other, max_seq_len=tiny.max_seq_len)

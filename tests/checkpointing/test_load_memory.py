@@ -63,4 +63,6 @@ def test_peak_memory_of_loading_is_about_one_copy(tmp_path, fmt):
     assert measured["weights"] == weight_bytes
     assert measured["checksum"] == pytest.approx(checksum, rel=1e-9)
     growth = measured["peak"] - measured["baseline"]
-    assert growth <= 1.3 * weight_bytes, f"peak grew by {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB of weights"
+    assert growth <= 1.3 * weight_bytes, (
+        f"peak grew by {growth / 1e6:.0f} MB for {weight_bytes / 1e6:.0f} MB of weights"
+    )

@@ -65,7 +65,9 @@ def test_permutation_turns_meta_rotary_into_rotate_half():
     meta_q = _interleaved_rotary((x @ meta_weight.T).view(seq_len, n_heads, head_dim), inv_freq, positions)
     ours = (x @ meta_to_rotate_half(meta_weight, n_heads).T).view(seq_len, n_heads, head_dim)
     angles = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)[:, None]
-    our_q = apply_rotary(ours.transpose(0, 1), angles.cos().transpose(0, 1), angles.sin().transpose(0, 1)).transpose(0, 1)
+    our_q = apply_rotary(ours.transpose(0, 1), angles.cos().transpose(0, 1), angles.sin().transpose(0, 1)).transpose(
+        0, 1
+    )
     # Same rotated vectors; Meta orders each head's features as pairs, ours as halves.
     meta_q_as_halves = torch.cat((meta_q[..., 0::2], meta_q[..., 1::2]), dim=-1)
     assert (meta_q_as_halves - our_q).abs().max().item() <= 1e-5
@@ -148,21 +150,75 @@ def test_tied_model_round_trips_through_meta(tmp_path):
 # params.json contents of Meta's published checkpoints (vocab_size, dim, n_layers, ... as released).
 PUBLISHED_PARAMS = {
     "llama2_7b": {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1},
-    "llama2_70b": {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
-                   "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1},
-    "llama3_8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-                  "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0},
-    "llama3_1_8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-                    "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True},
-    "llama3_1_405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "vocab_size": 128256,
-                      "ffn_dim_multiplier": 1.2, "multiple_of": 4096, "norm_eps": 1e-05, "rope_theta": 500000.0,
-                      "use_scaled_rope": True},
-    "llama3_2_1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
-                    "ffn_dim_multiplier": 1.5, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
-                    "use_scaled_rope": True},
-    "llama3_2_3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "vocab_size": 128256,
-                    "ffn_dim_multiplier": 1.0, "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0,
-                    "use_scaled_rope": True},
+    "llama2_70b": {
+        "dim": 8192,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "n_layers": 80,
+        "norm_eps": 1e-05,
+        "vocab_size": -1,
+    },
+    "llama3_8b": {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 1024,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+    },
+    "llama3_1_8b": {
+        "dim": 4096,
+        "n_layers": 32,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "multiple_of": 1024,
+        "ffn_dim_multiplier": 1.3,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3_1_405b": {
+        "dim": 16384,
+        "n_layers": 126,
+        "n_heads": 128,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.2,
+        "multiple_of": 4096,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3_2_1b": {
+        "dim": 2048,
+        "n_layers": 16,
+        "n_heads": 32,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.5,
+        "multiple_of": 256,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
+    "llama3_2_3b": {
+        "dim": 3072,
+        "n_layers": 28,
+        "n_heads": 24,
+        "n_kv_heads": 8,
+        "vocab_size": 128256,
+        "ffn_dim_multiplier": 1.0,
+        "multiple_of": 256,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    },
 }
 
 
@@ -170,7 +226,10 @@ PUBLISHED_PARAMS = {
 def test_published_params_json_gives_registry_architecture(tmp_path, name):
     expected = model_args(name)
     args = model_args_from_meta_params(
-        PUBLISHED_PARAMS[name], tmp_path / "params.json", vocab_size_in_weights=32_000, tied_in_weights=expected.tie_embeddings
+        PUBLISHED_PARAMS[name],
+        tmp_path / "params.json",
+        vocab_size_in_weights=32_000,
+        tied_in_weights=expected.tie_embeddings,
     )
     assert args == expected
 

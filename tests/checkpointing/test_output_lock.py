@@ -15,14 +15,17 @@ from finetune.checkpointing.recipe_state import claim_output_dir
 from finetune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
-HOLD = "import sys; from finetune.checkpointing.output_lock import lock_output_dir; " \
-       "lock = lock_output_dir(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"
+HOLD = (
+    "import sys; from finetune.checkpointing.output_lock import lock_output_dir; "
+    "lock = lock_output_dir(sys.argv[1]); print('locked', flush=True); sys.stdin.read()"
+)
 
 
 def hold_in_another_process(folder: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -34,14 +37,17 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_blocks_no
             lock_output_dir(tmp_path)
         assert str(refused.value) == (
             f"output_dir {tmp_path} is in use by another run (pid {holder.pid} on host {socket.gethostname()}); "
-            "wait for it to finish or choose another output_dir")
+            "wait for it to finish or choose another output_dir"
+        )
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # the refusal wrote nothing
     finally:
         holder.kill()
         holder.wait()
     lock = lock_output_dir(tmp_path)  # the kernel dropped the killed holder's lock with the process
     assert lock.held and json.loads((tmp_path / LOCK_FILE).read_text()) == {
-        "pid": os.getpid(), "host": socket.gethostname()}
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
     lock.release()
 
 

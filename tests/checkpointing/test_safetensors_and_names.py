@@ -72,7 +72,9 @@ def test_unknown_names_are_rejected():
 
 
 def test_every_parameter_name_round_trips():
-    model = build_model(ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48), device="meta")
+    model = build_model(
+        ModelArgs(vocab_size=32, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=48), device="meta"
+    )
     expected_meta = {
         "layers.1.attn.k_proj.weight": "layers.1.attention.wk.weight",
         "layers.1.mlp.w2.weight": "layers.1.feed_forward.w2.weight",

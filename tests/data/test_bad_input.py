@@ -3,24 +3,20 @@
 import json
 from pathlib import Path
 
-
 from finetune.data import build_dataset, get_template, load_records
 from finetune.tokenizers import Tokenizer
 from tests.data.helpers import ALPACA_RECORDS, user_error, write_jsonl
 
 
 def build(path: Path, tokenizer: Tokenizer, dataset_type: str = "instruct", **kwargs) -> object:  # type: ignore[no-untyped-def]
-    return build_dataset(
-        str(path), dataset_type=dataset_type, tokenizer=tokenizer, max_seq_len=64, **kwargs
-    )
+    return build_dataset(str(path), dataset_type=dataset_type, tokenizer=tokenizer, max_seq_len=64, **kwargs)
 
 
 def test_malformed_json_names_file_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
     path.write_text('[\n  {"instruction": "a"},\n  {"instruction": "b",}\n]\n')
     assert user_error(load_records, str(path)) == (
-        f"{path} line 3 column 23 is not valid JSON "
-        "(Expecting property name enclosed in double quotes); fix the file"
+        f"{path} line 3 column 23 is not valid JSON (Expecting property name enclosed in double quotes); fix the file"
     )
 
 
@@ -32,17 +28,14 @@ def test_json_that_is_not_a_list_of_records(tmp_path: Path) -> None:
         "write [{...}, {...}] or use .jsonl with one record per line"
     )
     path.write_text('[{"instruction": "a"}, "b"]')
-    assert user_error(load_records, str(path)).startswith(
-        f"{path} record 2 is a JSON string, expected an object;"
-    )
+    assert user_error(load_records, str(path)).startswith(f"{path} record 2 is a JSON string, expected an object;")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "a"}\n\n{"instruction": "b"\n')
     assert user_error(load_records, str(path)) == (
-        f"{path} line 3 column 20 is not valid JSON (Expecting ',' delimiter); "
-        "each line must hold one JSON object"
+        f"{path} line 3 column 20 is not valid JSON (Expecting ',' delimiter); each line must hold one JSON object"
     )
 
 
@@ -91,9 +84,7 @@ def test_empty_slice_is_an_empty_dataset(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.jsonl"
-    assert user_error(load_records, str(path)) == (
-        f"dataset file {path} does not exist; check the path"
-    )
+    assert user_error(load_records, str(path)) == (f"dataset file {path} does not exist; check the path")
 
 
 def test_missing_column_names_it_and_lists_columns(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
@@ -113,9 +104,7 @@ def test_column_map_to_a_missing_column(tmp_path: Path) -> None:
 
 
 def test_wrong_value_type_names_column_and_record(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
-    path = write_jsonl(
-        tmp_path / "d.jsonl", [ALPACA_RECORDS[0], {"instruction": "Add.", "output": 5}]
-    )
+    path = write_jsonl(tmp_path / "d.jsonl", [ALPACA_RECORDS[0], {"instruction": "Add.", "output": 5}])
     assert user_error(build, path, sp_tokenizer) == (
         f"column 'output' of {path} line 2 holds int 5, expected text; "
         "fix the record or map another column with column_map"
@@ -216,9 +205,7 @@ def test_unknown_template(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
 
 def test_bad_split_syntax(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", ALPACA_RECORDS)
-    assert user_error(load_records, str(path), split="train[::2]").startswith(
-        "split 'train[::2]' is not understood;"
-    )
+    assert user_error(load_records, str(path), split="train[::2]").startswith("split 'train[::2]' is not understood;")
     assert user_error(load_records, str(path), split="test").startswith(
         f"split 'test' asked of the file {path}, which is a single 'train' split;"
     )

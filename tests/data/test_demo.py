@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from finetune.data import build_dataset
-from finetune.data.demo import DEMO_DIR, demo_path
-from finetune.data.demo import make_demo_data
+from finetune.data.demo import DEMO_DIR, demo_path, make_demo_data
 from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
 
@@ -55,8 +54,11 @@ def test_demo_tokenizer_has_512_pieces(sp_tokenizer: Tokenizer) -> None:
 
 def test_demo_samples_are_short_with_the_plain_template(sp_tokenizer: Tokenizer) -> None:
     dataset = build_dataset(
-        str(demo_path("train.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
-        max_seq_len=64, template="plain",
+        str(demo_path("train.jsonl")),
+        dataset_type="instruct",
+        tokenizer=sp_tokenizer,
+        max_seq_len=64,
+        template="plain",
     )
     assert max(len(dataset[i]["tokens"]) for i in range(len(dataset))) < 48
 

@@ -44,8 +44,7 @@ def test_packed_rows_layout() -> None:
     }
     assert packed.efficiency == 19 / 20
     assert messages == [
-        "packed 4 samples into 2 rows of 10 tokens; "
-        "packing efficiency 95.0% (non-pad tokens / all tokens)"
+        "packed 4 samples into 2 rows of 10 tokens; packing efficiency 95.0% (non-pad tokens / all tokens)"
     ]
 
 
@@ -108,17 +107,19 @@ def per_token_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     """Losses of the trained-on positions, in row-major order."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs)
-    losses = F.cross_entropy(
-        logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=X, reduction="none"
-    )
+    losses = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=X, reduction="none")
     return losses[batch["labels"].flatten() != X]
 
 
 @pytest.fixture(scope="module")
 def demo_samples(sp_tokenizer: Tokenizer) -> TokenizedDataset:
     dataset = build_dataset(
-        str(demo_path("heldout.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
-        max_seq_len=64, template="plain", split="train[:24]",
+        str(demo_path("heldout.jsonl")),
+        dataset_type="instruct",
+        tokenizer=sp_tokenizer,
+        max_seq_len=64,
+        template="plain",
+        split="train[:24]",
     )
     assert isinstance(dataset, TokenizedDataset)
     return dataset
@@ -135,9 +136,7 @@ def packed_and_unpacked_losses(
     return packed_losses, unpacked_losses
 
 
-def test_packed_rows_give_the_same_per_token_loss(
-    demo_samples: TokenizedDataset, sp_tokenizer: Tokenizer
-) -> None:
+def test_packed_rows_give_the_same_per_token_loss(demo_samples: TokenizedDataset, sp_tokenizer: Tokenizer) -> None:
     torch.manual_seed(0)
     model = TinyDocumentLM(sp_tokenizer.vocab_size)
     packed, unpacked = packed_and_unpacked_losses(model, demo_samples, sp_tokenizer.pad_id)
@@ -161,8 +160,13 @@ def test_packed_rows_with_the_real_model(demo_samples: TokenizedDataset, sp_toke
 def test_build_dataset_packed(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
     messages: list[str] = []
     packed = build_dataset(
-        str(demo_path("heldout.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
-        max_seq_len=64, template="plain", packed=True, log=messages.append,
+        str(demo_path("heldout.jsonl")),
+        dataset_type="instruct",
+        tokenizer=sp_tokenizer,
+        max_seq_len=64,
+        template="plain",
+        packed=True,
+        log=messages.append,
     )
     assert isinstance(packed, PackedDataset)
     assert all(len(packed[i]["tokens"]) == 64 for i in range(len(packed)))
@@ -171,8 +175,11 @@ def test_build_dataset_packed(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
         f"{packed.efficiency:.1%} (non-pad tokens / all tokens)"
     )
     unpacked = build_dataset(
-        str(demo_path("heldout.jsonl")), dataset_type="instruct", tokenizer=sp_tokenizer,
-        max_seq_len=64, template="plain",
+        str(demo_path("heldout.jsonl")),
+        dataset_type="instruct",
+        tokenizer=sp_tokenizer,
+        max_seq_len=64,
+        template="plain",
     )
     real_tokens = sum(len(unpacked[i]["tokens"]) for i in range(len(unpacked)))
     assert packed.efficiency == real_tokens / (64 * len(packed))

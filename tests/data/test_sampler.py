@@ -86,9 +86,7 @@ def test_resumed_dataloader_yields_the_remaining_batches(world_size: int) -> Non
     def batches(rank: int, start_index: int) -> list[list[list[int]]]:
         s = sampler(len(dataset), rank, world_size)
         s.set_epoch(1, start_index=start_index)
-        loader = build_dataloader(
-            dataset, batch_size=batch_size, sampler=s, collate_fn=partial(collate, pad_id=0)
-        )
+        loader = build_dataloader(dataset, batch_size=batch_size, sampler=s, collate_fn=partial(collate, pad_id=0))
         assert len(loader) == -(-len(s) // batch_size)
         return [batch["tokens"].tolist() for batch in loader]
 

@@ -50,9 +50,9 @@ def test_hf_saved_dataset_folder_loads_the_same_records(tmp_path: Path) -> None:
 def test_hf_saved_dataset_dict_selects_the_split(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     splits = {"train": ALPACA_RECORDS[:2], "test": ALPACA_RECORDS[2:]}
-    datasets.DatasetDict(
-        {name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}
-    ).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()}).save_to_disk(
+        str(tmp_path / "saved")
+    )
     assert load_records(str(tmp_path / "saved"), split="test") == ALPACA_RECORDS[2:]
     with pytest.raises(UserError, match=r"has no split 'valid'; splits found: train, test"):
         load_records(str(tmp_path / "saved"), split="valid")
@@ -161,15 +161,10 @@ def test_hf_hub_name_is_passed_to_datasets(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [("tatsu-lab/alpaca", "train[:5%]"), ("openai/gsm8k", "main", "test")]
 
 
-def test_hf_source_without_datasets_names_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hf_source_without_datasets_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     (tmp_path / "state.json").write_text("{}")
-    expected = (
-        "reading Hugging Face datasets needs the 'datasets' package; "
-        'run pip install "finetune[hf]"'
-    )
+    expected = "reading Hugging Face datasets needs the 'datasets' package; run pip install \"finetune[hf]\""
     for source in ("tatsu-lab/alpaca", str(tmp_path)):
         assert user_error(load_records, source) == expected
 

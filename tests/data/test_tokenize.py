@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import IGNORE_INDEX, InstructTemplate, build_dataset, register_template
-from finetune.data import reporting
+from finetune.data import IGNORE_INDEX, InstructTemplate, build_dataset, register_template, reporting
 from finetune.data.labels import shifted_labels, truncate
 from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
@@ -35,19 +34,19 @@ def test_shifted_labels_and_truncate_by_hand() -> None:
     assert shifted_labels([1, 10, 11, 12, 2], [True, True, False, False, False]) == [X, 11, 12, 2, X]
     # Cut inside the response: the closing token still teaches the model to stop.
     assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 4) == (
-        [1, 10, 11, 2], [True, True, False, False]
+        [1, 10, 11, 2],
+        [True, True, False, False],
     )
     # Cut inside the prompt: ending the turn there is not something to learn.
-    assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 3) == (
-        [1, 10, 2], [True, True, True]
-    )
+    assert truncate([1, 10, 11, 12, 2], [True, True, False, False, False], 3) == ([1, 10, 2], [True, True, True])
     # train_on_input trains the prompt; a cut inside it still must not teach the closing token.
     prompt = [True, True, False, False, False]
     assert truncate([1, 10, 11, 12, 2], [False] * 5, 3, prompt) == ([1, 10, 2], [False, False, True])
     assert truncate([1, 10, 11, 12, 2], [False] * 5, 4, prompt) == ([1, 10, 11, 2], [False] * 4)
     # A cut right after a turn's own closing token (2) keeps it once.
     assert truncate([1, 10, 2, 11, 12, 2], [True, False, False, True, False, False], 4) == (
-        [1, 10, 2], [True, False, False]
+        [1, 10, 2],
+        [True, False, False],
     )
 
 
@@ -88,9 +87,7 @@ def test_truncation_keeps_eos_and_is_reported_once(tmp_path: Path, sp_tokenizer:
     short = sp_tokenizer.encode("Add the two numbers.\n2 and 3\n", add_eos=False)
     short += sp_tokenizer.encode("5", add_bos=False, continuation=True)
     assert (len(short), len(full)) == (14, 31)
-    dataset = build(
-        tmp_path, records, sp_tokenizer, template="plain", max_seq_len=16, log=messages.append
-    )
+    dataset = build(tmp_path, records, sp_tokenizer, template="plain", max_seq_len=16, log=messages.append)
     assert [len(s["tokens"]) for s in dataset] == [16, 14, 16]
     assert dataset[0]["tokens"] == full[:15] + [sp_tokenizer.eos_id]
     assert dataset[0]["labels"][-2:] == [sp_tokenizer.eos_id, X]
@@ -103,8 +100,9 @@ def test_truncation_keeps_eos_and_is_reported_once(tmp_path: Path, sp_tokenizer:
 def test_a_sample_cut_inside_its_prompt_is_skipped_not_taught_to_stop(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
     messages: list[str] = []
     long_prompt = {"instruction": " ".join(["word"] * 40), "input": "", "output": "yes"}
-    dataset = build(tmp_path, [long_prompt, ALPACA_RECORDS[0]], sp_tokenizer, template="plain", max_seq_len=16,
-                    log=messages.append)
+    dataset = build(
+        tmp_path, [long_prompt, ALPACA_RECORDS[0]], sp_tokenizer, template="plain", max_seq_len=16, log=messages.append
+    )
     assert len(dataset) == 1 and len(dataset[0]["tokens"]) == 14
     assert messages[0].endswith("; 1 samples with nothing left to learn were skipped")
 
@@ -179,15 +177,17 @@ def test_multi_turn_chat_llama2_labels(tmp_path: Path, sp_tokenizer: Tokenizer) 
 
 def test_multi_turn_chat_llama3_labels(tmp_path: Path, llama3_tokenizer: Tokenizer) -> None:
     tok = llama3_tokenizer
-    dataset = build(
-        tmp_path, [{"messages": [{"role": r, "content": c} for r, c in CHAT]}], tok, dataset_type="chat"
-    )
+    dataset = build(tmp_path, [{"messages": [{"role": r, "content": c} for r, c in CHAT]}], tok, dataset_type="chat")
     special = tok.special_tokens  # type: ignore[attr-defined]
     eot = special["<|eot_id|>"]
     tokens, labels = [tok.bos_id], []
     for role, content in CHAT:
-        header = [special["<|start_header_id|>"], *tok.encode(role, False, False),
-                  special["<|end_header_id|>"], *tok.encode("\n\n", False, False)]
+        header = [
+            special["<|start_header_id|>"],
+            *tok.encode(role, False, False),
+            special["<|end_header_id|>"],
+            *tok.encode("\n\n", False, False),
+        ]
         body = tok.encode(content, False, False) + [eot]
         labels += [X] * len(header)
         labels += body if role == "assistant" else [X] * len(body)
@@ -204,8 +204,10 @@ def test_chat_train_on_input_and_message_weights(tmp_path: Path, sp_tokenizer: T
 
     # weight 0 on the first answer: only the second exchange's answer is learned (ShareGPT turns too).
     turns[2]["weight"] = 0
-    sharegpt = [{"from": SHAREGPT_NAMES[t["role"]], "value": t["content"], **({"weight": 0} if "weight" in t else {})}
-                for t in turns]
+    sharegpt = [
+        {"from": SHAREGPT_NAMES[t["role"]], "value": t["content"], **({"weight": 0} if "weight" in t else {})}
+        for t in turns
+    ]
     dataset = build(tmp_path, [{"messages": turns}, {"conversations": sharegpt}], sp_tokenizer, dataset_type="chat")
     second_answer = sp_tokenizer.encode("8 ", add_bos=False, add_eos=True)
     assert [label for label in dataset[0]["labels"] if label != X] == second_answer
@@ -213,8 +215,7 @@ def test_chat_train_on_input_and_message_weights(tmp_path: Path, sp_tokenizer: T
 
 
 def test_samples_without_targets_are_skipped(tmp_path: Path, sp_tokenizer: Tokenizer) -> None:
-    silent = {"messages": [{"role": "user", "content": "hi"},
-                           {"role": "assistant", "content": "yo", "weight": 0}]}
+    silent = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]}
     spoken = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     messages: list[str] = []
     dataset = build(tmp_path, [silent, spoken], sp_tokenizer, dataset_type="chat", log=messages.append)

@@ -39,6 +39,12 @@ def model() -> TransformerDecoder:
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory, model: TransformerDecoder, tokenizer: Tokenizer) -> Path:
     directory = tmp_path_factory.mktemp("model")
-    save_hf_checkpoint(model.state_dict(), ARGS, directory, tokenizer_files=[TOKENIZER],
-                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    save_hf_checkpoint(
+        model.state_dict(),
+        ARGS,
+        directory,
+        tokenizer_files=[TOKENIZER],
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
     return directory

@@ -3,11 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 pytest.importorskip("lm_eval")  # the eval extra; CI installs it
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from finetune.models.generation import generate
 from finetune.evaluation.harness import HarnessModel
+from finetune.models.generation import generate
 
 
 def request(kind: str, *args) -> Instance:
@@ -37,7 +38,10 @@ def test_continuation_ids_spell_the_continuation(tokenizer, model, context, cont
     assert context_ids[0] == tokenizer.bos_id
     assert tokenizer.decode(context_ids[1:] + continuation_ids) == context + continuation
     assert tokenizer.decode(context_ids[1:]) == context.rstrip()  # as lm-eval's own models split
-    assert continuation_ids == tokenizer.encode(context + continuation, add_bos=False, add_eos=False)[len(context_ids) - 1:]
+    assert (
+        continuation_ids
+        == tokenizer.encode(context + continuation, add_bos=False, add_eos=False)[len(context_ids) - 1 :]
+    )
 
 
 def test_loglikelihood_equals_direct_computation(tokenizer, model):
@@ -76,7 +80,7 @@ def test_long_context_keeps_its_newest_tokens(tokenizer, model):
     lm = HarnessModel(model, tokenizer, max_seq_len=16)
     context = [tokenizer.bos_id] + list(range(10, 40))
     continuation = [50, 60, 70]
-    (logprob, _), = lm.score([(context, continuation)])
+    ((logprob, _),) = lm.score([(context, continuation)])
     expected, _ = direct(model, (context + continuation)[-17:], 3)
     assert logprob == pytest.approx(expected, abs=1e-4)
 
@@ -98,7 +102,7 @@ def test_loglikelihood_rolling_predicts_each_token_once_with_the_most_context(to
     assert len(tokens) > 2 * window and len(tokens) % window  # several windows, the last one partial
     # By hand: the first window predicts tokens 0..5 from BOS onwards; each later one predicts the
     # next (up to) 6 tokens, its input being the 6 tokens that end just before the last of them.
-    expected = direct(model, [tokenizer.bos_id] + tokens[: window], window)[0]
+    expected = direct(model, [tokenizer.bos_id] + tokens[:window], window)[0]
     done = window
     while done < len(tokens):
         end = min(done + window, len(tokens))

@@ -8,13 +8,21 @@ import pytest
 from finetune.checkpointing.quantized import save_quantized_checkpoint
 from finetune.evaluation.harness import HarnessModel
 from finetune.quantization import quantize_model
+
 pytest.importorskip("lm_eval")  # the eval extra; CI installs it
 from lm_eval.api.instance import Instance  # noqa: E402
+
 from tests.cli_helpers import error_line, run  # noqa: E402
 from tests.eval.conftest import TOKENIZER, random_model  # noqa: E402
 
-QUESTIONS = ["Add the two numbers.\n1 and 2\n", "Count from 3 to 5.\n", "Sort the words.\ncat dog\n",
-             "Reverse the words.\nsun moon\n", "Which is larger?\n4 or 9\n", "Convert hours to minutes.\n2 h\n"]
+QUESTIONS = [
+    "Add the two numbers.\n1 and 2\n",
+    "Count from 3 to 5.\n",
+    "Sort the words.\ncat dog\n",
+    "Reverse the words.\nsun moon\n",
+    "Which is larger?\n4 or 9\n",
+    "Convert hours to minutes.\n2 h\n",
+]
 CHOICES = ["cat", "dog", "fish"]
 
 
@@ -25,7 +33,9 @@ def write_tasks(folder, model, tokenizer) -> None:
     lm = HarnessModel(model, tokenizer)
     kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
     answers = lm.generate_until([Instance("generate_until", {}, (q, kwargs), 0) for q in QUESTIONS])
-    gen = [{"question": q, "answer": a if i % 2 == 0 else a + " no"} for i, (q, a) in enumerate(zip(QUESTIONS, answers))]
+    gen = [
+        {"question": q, "answer": a if i % 2 == 0 else a + " no"} for i, (q, a) in enumerate(zip(QUESTIONS, answers))
+    ]
     mc = []
     for i, q in enumerate(QUESTIONS):
         scores = [lp for lp, _ in lm.loglikelihood([Instance("loglikelihood", {}, (q, " " + c), 0) for c in CHOICES])]
@@ -40,7 +50,7 @@ task: local_gen
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'gen.jsonl'}
+    test: {folder / "gen.jsonl"}
 output_type: generate_until
 test_split: test
 doc_to_text: "{{{{question}}}}"
@@ -61,7 +71,7 @@ task: local_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'mc.jsonl'}
+    test: {folder / "mc.jsonl"}
 output_type: multiple_choice
 test_split: test
 doc_to_text: "{{{{question}}}}"
@@ -82,8 +92,15 @@ def task_dir(tmp_path_factory, model, tokenizer):
 
 
 def eval_args(checkpoint_dir, task_dir, output, *extra: str) -> list[str]:
-    return ["eleuther_eval", f"checkpoint_dir={checkpoint_dir}", f"include_path={task_dir}",
-            f"output_path={output}", "device=cpu", "batch_size=4", *extra]
+    return [
+        "eleuther_eval",
+        f"checkpoint_dir={checkpoint_dir}",
+        f"include_path={task_dir}",
+        f"output_path={output}",
+        "device=cpu",
+        "batch_size=4",
+        *extra,
+    ]
 
 
 def test_local_tasks_run_end_to_end_with_known_scores(capsys, checkpoint_dir, task_dir, tmp_path):
@@ -107,14 +124,17 @@ def test_output_path_is_a_json_file_or_a_folder_and_never_another_file(capsys, c
     before = weights.read_bytes()
     code, _, err = run(capsys, *eval_args(checkpoint_dir, task_dir, weights, "tasks=local_mc", "limit=2"))
     assert code == 2
-    assert error_line(err) == (f"error: output_path {weights} must be a .json file or a folder (end it with /); "
-                               "choose such a path")
+    assert error_line(err) == (
+        f"error: output_path {weights} must be a .json file or a folder (end it with /); choose such a path"
+    )
     assert weights.read_bytes() == before
 
 
 def test_limit_and_few_shot_reach_the_harness(capsys, checkpoint_dir, task_dir, tmp_path):
     output = tmp_path / "eval.json"
-    code, _, err = run(capsys, *eval_args(checkpoint_dir, task_dir, output, "tasks=local_mc", "limit=4", "num_fewshot=1"))
+    code, _, err = run(
+        capsys, *eval_args(checkpoint_dir, task_dir, output, "tasks=local_mc", "limit=4", "num_fewshot=1")
+    )
     assert code == 0, err
     results = json.loads(output.read_text())
     assert results["n-samples"]["local_mc"]["effective"] == 4
@@ -124,8 +144,9 @@ def test_limit_and_few_shot_reach_the_harness(capsys, checkpoint_dir, task_dir, 
 def test_a_quantized_checkpoint_is_scored(capsys, task_dir, tmp_path):
     quantized = random_model()
     quantize_model(quantized, "int8_weight_only", group_size=32)
-    directory = save_quantized_checkpoint(quantized, tmp_path / "q", {"scheme": "int8_weight_only", "group_size": None},
-                                          tokenizer_files=[TOKENIZER])
+    directory = save_quantized_checkpoint(
+        quantized, tmp_path / "q", {"scheme": "int8_weight_only", "group_size": None}, tokenizer_files=[TOKENIZER]
+    )
     output = tmp_path / "eval.json"
     code, _, err = run(capsys, *eval_args(directory, task_dir, output, "tasks=local_mc"))
     assert code == 0, err
@@ -136,8 +157,15 @@ def test_a_quantized_checkpoint_is_scored(capsys, task_dir, tmp_path):
 
 def test_the_demo_task_config_runs(capsys, checkpoint_dir, tmp_path):
     output = tmp_path / "demo.json"
-    code, stdout, err = run(capsys, "eleuther_eval", "--config", "eleuther_evaluation", f"checkpoint_dir={checkpoint_dir}",
-                            "limit=8", f"output_path={output}")
+    code, stdout, err = run(
+        capsys,
+        "eleuther_eval",
+        "--config",
+        "eleuther_evaluation",
+        f"checkpoint_dir={checkpoint_dir}",
+        "limit=8",
+        f"output_path={output}",
+    )
     assert code == 0, err
     results = json.loads(output.read_text())
     assert results["n-samples"]["demo_exact_match"]["effective"] == 8

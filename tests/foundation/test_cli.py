@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 def tune(*argv, cwd=None, timeout=240):
     """Run `tune` in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as torchrun would set it, minus its notice
-    return subprocess.run([sys.executable, "-m", "finetune.cli", *argv], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def single_error_line(stderr: str) -> str:
@@ -47,12 +48,18 @@ def config(tmp_path):
 BAD_INPUTS = [
     (["validate", "--config", "{cfg}", "learning_rate=1"], "unknown key 'learning_rate' on the command line"),
     (["validate", "--config", "{cfg}", "bach_size=1"], "did you mean 'batch_size'?"),
-    (["validate", "--config", "{cfg}", "batch_size=two"], "batch_size='two' (on the command line) is not valid: expected int"),
+    (
+        ["validate", "--config", "{cfg}", "batch_size=two"],
+        "batch_size='two' (on the command line) is not valid: expected int",
+    ),
     (["validate", "--config", "{cfg}", "batch_size=0"], "batch_size=0 must be at least 1"),
     (["validate", "--config", "{cfg}", "compile=true", "enable_activation_offloading=true"], "cannot be combined"),
     (["validate", "--config", "no_such_config"], "config 'no_such_config' not found"),
     (["validate", "--config", "{cfg}", "shuffle=maybe"], "expected bool"),
-    (["validate", "--config", "{cfg}", "optimizer=lion"], "optimizer='lion' (on the command line) is not valid: expected one of adamw|adam|sgd"),
+    (
+        ["validate", "--config", "{cfg}", "optimizer=lion"],
+        "optimizer='lion' (on the command line) is not valid: expected one of adamw|adam|sgd",
+    ),
     (["no_such_recipe", "--config", "{cfg}"], "unknown recipe 'no_such_recipe'"),
     (["validate", "--config", "{cfg}", "lr"], "'lr' is not KEY=VALUE"),
 ]
@@ -103,8 +110,12 @@ def test_help_lists_every_field_with_type_default_and_help(capsys):
         main(["dummy", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for line in ("lr: float = 2e-05", "optimizer: one of adamw|adam|sgd|adamw8bit|adamw4bit = 'adamw'",
-                 "max_steps_per_epoch: int or none = None", "peak learning rate"):
+    for line in (
+        "lr: float = 2e-05",
+        "optimizer: one of adamw|adam|sgd|adamw8bit|adamw4bit = 'adamw'",
+        "max_steps_per_epoch: int or none = None",
+        "peak learning rate",
+    ):
         assert line in out
 
 
@@ -187,8 +198,9 @@ def test_an_input_error_on_one_rank_is_one_line_from_torchrun(tmp_path, failing_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launch", [["--nproc_per_node", "2", "dummy"], ["run", "--nproc_per_node", "2", "dummy"]],
-                         ids=["tune", "tune-run"])
+@pytest.mark.parametrize(
+    "launch", [["--nproc_per_node", "2", "dummy"], ["run", "--nproc_per_node", "2", "dummy"]], ids=["tune", "tune-run"]
+)
 def test_dummy_with_two_processes(tmp_path, config, launch):
     result = tune(*launch, "--config", str(config), "max_steps_per_epoch=2")
     assert result.returncode == 0, result.stderr
@@ -200,8 +212,14 @@ def test_dummy_with_two_processes(tmp_path, config, launch):
 
 
 def test_validate_names_missing_paths_and_refuses_an_unknown_template(capsys, tmp_path):
-    code, out = run_in_process(capsys, "validate", "--config", "tiny_full", f"dataset={tmp_path / 'gone.jsonl'}",
-                               "eval_dataset=someone/hub-name")
+    code, out = run_in_process(
+        capsys,
+        "validate",
+        "--config",
+        "tiny_full",
+        f"dataset={tmp_path / 'gone.jsonl'}",
+        "eval_dataset=someone/hub-name",
+    )
     assert code == 0 and f"note: dataset={tmp_path / 'gone.jsonl'} does not exist on this machine" in out.out
     assert "eval_dataset" not in "".join(line for line in out.out.splitlines() if line.startswith("note:"))
     code, out = run_in_process(capsys, "validate", "--config", "tiny_full", "template=alpacca")
@@ -249,10 +267,15 @@ def test_overrides_before_and_after_config_and_a_positional_config(capsys):
     assert code == 0 and re.search(r"lora_rank += 4\n", out.out)
 
 
-@pytest.mark.parametrize(("override", "suggestion"), [("optimizer.lr=1e-4", "did you mean 'lr'?"),
-                                                      ("checkpointer.output_dir=/x", "did you mean 'output_dir'?"),
-                                                      ("learning_rate=1e-4", "did you mean 'lr'?"),
-                                                      ("num_train_epochs=3", "did you mean 'epochs'?")])
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("optimizer.lr=1e-4", "did you mean 'lr'?"),
+        ("checkpointer.output_dir=/x", "did you mean 'output_dir'?"),
+        ("learning_rate=1e-4", "did you mean 'lr'?"),
+        ("num_train_epochs=3", "did you mean 'epochs'?"),
+    ],
+)
 def test_torchtune_nested_keys_and_transformers_names_suggest_ours(capsys, config, override, suggestion):
     code, out = run_in_process(capsys, "validate", "--config", str(config), override)
     assert code == 2 and suggestion in single_error_line(out.err)
@@ -284,8 +307,12 @@ def test_a_regular_install_ships_every_config(tmp_path):
         (source / name).write_bytes((REPO / name).read_bytes())
     for name in ["finetune", "configs"]:
         subprocess.run(["cp", "-r", str(REPO / name), str(source / name)], check=True)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"),
-                            str(source)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "wheel"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "wheel").glob("finetune-*.whl")
     shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/finetune/configs/" in n}

@@ -16,8 +16,17 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2] / "finetune"
 # Packages that may be imported inside a function, beside a comment saying why: optional extras,
 # and torch.distributed where only a torchrun launch needs it (the `tune` launcher must start
 # without importing torch). Everything else belongs at the top of the file.
-DEFERRABLE = ("lm_eval", "transformers", "datasets", "pyarrow", "torchao", "torch.utils.tensorboard", "wandb",
-              "torch.distributed")
+DEFERRABLE = (
+    "lm_eval",
+    "transformers",
+    "datasets",
+    "pyarrow",
+    "torchao",
+    "torch.utils.tensorboard",
+    "wandb",
+    "torch.distributed",
+)
+
 
 def all_modules(root: Path = PACKAGE_ROOT) -> dict[str, Path]:
     """Dotted module name -> file, for every .py file under the package folder `root`."""

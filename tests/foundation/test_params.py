@@ -34,8 +34,12 @@ PRECEDENCE_CASES = [
     ("clip_grad_norm", None, "0.5", 0.5),  # Optional[float]
     ("checkpoint_dir", "/a", "/b", "/b"),  # Optional[str]
     ("optimizer", "sgd", "adam", "adam"),  # Literal
-    ("column_map", {"output": "answer"}, "instruction:prompt,output:reply",
-     {"instruction": "prompt", "output": "reply"}),  # Optional[dict]
+    (
+        "column_map",
+        {"output": "answer"},
+        "instruction:prompt,output:reply",
+        {"instruction": "prompt", "output": "reply"},
+    ),  # Optional[dict]
 ]
 
 
@@ -69,8 +73,14 @@ def test_yaml_float_without_dot_is_read_as_float(tmp_path):
 
 @pytest.mark.parametrize("cls", [FullFinetuneParams, LoraFinetuneParams])
 def test_yaml_round_trip_is_exact(tmp_path, cls):
-    params = cls(tokenizer_path="tok.model", lr=3.5e-4, column_map={"output": "y"}, max_steps_per_epoch=3,
-                 clip_grad_norm=None, dtype="fp32")
+    params = cls(
+        tokenizer_path="tok.model",
+        lr=3.5e-4,
+        column_map={"output": "y"},
+        max_steps_per_epoch=3,
+        clip_grad_norm=None,
+        dtype="fp32",
+    )
     path = tmp_path / "params.yaml"
     params.to_yaml(path)
     again = cls.from_yaml(path)

@@ -18,7 +18,9 @@ from finetune.config import CONFIG_DIR, read_config
 
 def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
     (tmp_path / "__init__.py").write_text("")
-    (tmp_path / "dpo.py").write_text("ALIASES = ('dpo_single_device',)\nPARAMS_CLASS = object\ndef main(argv): return 0\n")
+    (tmp_path / "dpo.py").write_text(
+        "ALIASES = ('dpo_single_device',)\nPARAMS_CLASS = object\ndef main(argv): return 0\n"
+    )
     (tmp_path / "helpers.py").write_text("def main(argv): return 0\n")  # no PARAMS_CLASS: a helper, not a recipe
     (tmp_path / "dummy.py").write_text("PARAMS_CLASS = object\nmain = print\n")
     (tmp_path / "_private.py").write_text("PARAMS_CLASS = object\nmain = print\n")

@@ -20,8 +20,14 @@ PROMPTS = [[1, 5, 17, 33, 8, 9, 10, 60, 44], [1, 20, 21], [1, 30, 31, 32, 70, 71
 
 
 def greedy(model, prompts, **kwargs):
-    return generate(model, prompts, max_new_tokens=kwargs.pop("max_new_tokens", 24), stop_tokens=kwargs.pop("stop_tokens", []),
-                    pad_id=PAD, **kwargs)
+    return generate(
+        model,
+        prompts,
+        max_new_tokens=kwargs.pop("max_new_tokens", 24),
+        stop_tokens=kwargs.pop("stop_tokens", []),
+        pad_id=PAD,
+        **kwargs,
+    )
 
 
 def test_cached_greedy_equals_full_recompute(model):
@@ -48,7 +54,7 @@ def test_padded_row_logits_equal_unpadded_logits(model):
         padded = model(tokens, position_ids=positions, mask=padded_causal_mask(pad_counts, 9))
         for row, prompt in enumerate(PROMPTS):
             alone = model(torch.tensor([prompt]))[0]
-            torch.testing.assert_close(padded[row, 9 - len(prompt):], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(padded[row, 9 - len(prompt) :], alone, rtol=1e-5, atol=1e-5)
     assert pad_counts.tolist() == [0, 6, 3]
 
 

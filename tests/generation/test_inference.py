@@ -96,8 +96,9 @@ def test_adapter_on_top_computes_the_merged_model(checkpoint_dir, tmp_path):
 def test_quantized_checkpoint_is_recognised_before_its_weights_are_read(checkpoint_dir, tmp_path):
     model, _ = load_model(checkpoint_dir)
     quantize_model(model, "int8_weight_only", group_size=32)
-    out = save_quantized_checkpoint(model, tmp_path / "q", {"scheme": "int8_weight_only", "group_size": None},
-                                    tokenizer_files=[TOKENIZER])
+    out = save_quantized_checkpoint(
+        model, tmp_path / "q", {"scheme": "int8_weight_only", "group_size": None}, tokenizer_files=[TOKENIZER]
+    )
 
     setup = prepare_inference(Params(str(out), dtype="bf16"))
     assert setup.quantization is not None and setup.quantization["scheme"] == "int8_weight_only"

@@ -24,8 +24,16 @@ COMMON = ["device=cpu", "dtype=fp32", "max_new_tokens=16"]
 
 
 def random_model(vocab_size: int, family: str = "llama2", dim: int = 64, seed: int = 0) -> TransformerDecoder:
-    args = ModelArgs(vocab_size=vocab_size, dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                     max_seq_len=256, family=family)
+    args = ModelArgs(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        max_seq_len=256,
+        family=family,
+    )
     torch.manual_seed(seed)
     model = build_model(args)
     model.reset_parameters(std=0.15)  # sharper than the training init, so text varies
@@ -34,8 +42,14 @@ def random_model(vocab_size: int, family: str = "llama2", dim: int = 64, seed: i
 
 def save_checkpoint(model: TransformerDecoder, directory: Path, tokenizer_file: Path) -> Path:
     tokenizer = load_tokenizer(tokenizer_file)
-    save_hf_checkpoint(model.state_dict(), model.args, directory, tokenizer_files=[tokenizer_file],
-                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    save_hf_checkpoint(
+        model.state_dict(),
+        model.args,
+        directory,
+        tokenizer_files=[tokenizer_file],
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
     return directory
 
 
@@ -69,15 +83,17 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
 
 def test_recipe_prints_and_writes_what_generate_gives(llama2_dir, capsys, tmp_path):
     out_file = tmp_path / "results.jsonl"
-    code, out, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=The quick brown fox",
-                                   "template=none", f"output_file={out_file}")
+    code, out, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", "prompt=The quick brown fox", "template=none", f"output_file={out_file}"
+    )
     assert code == 0, err
 
     tokenizer = load_tokenizer(llama2_dir)
     model, _ = load_model(llama2_dir)
     prompt = tokenizer.encode("The quick brown fox", add_bos=True, add_eos=False)
-    tokens = generate(model.eval(), [prompt], max_new_tokens=16, stop_tokens=tokenizer.stop_tokens,
-                      pad_id=tokenizer.pad_id)[0]
+    tokens = generate(
+        model.eval(), [prompt], max_new_tokens=16, stop_tokens=tokenizer.stop_tokens, pad_id=tokenizer.pad_id
+    )[0]
     expected = tokenizer.decode(tokens)
     assert len(expected) > 10
 
@@ -92,16 +108,26 @@ def test_recipe_prints_and_writes_what_generate_gives(llama2_dir, capsys, tmp_pa
 
 def test_prompt_file_in_batches_equals_one_prompt_at_a_time(llama2_dir, capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Hello world\n\nWrite a short poem about the sea, the sky and the wind\nWhat is the capital of France?\n")
+    prompts.write_text(
+        "Hello world\n\nWrite a short poem about the sea, the sky and the wind\nWhat is the capital of France?\n"
+    )
     runs = {}
     for batch_size in (1, 2):
         out_file = tmp_path / f"batch{batch_size}.jsonl"
-        code, out, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}",
-                                       f"batch_size={batch_size}", f"output_file={out_file}")
+        code, out, err = tune_generate(
+            capsys,
+            f"checkpoint_dir={llama2_dir}",
+            f"prompt_file={prompts}",
+            f"batch_size={batch_size}",
+            f"output_file={out_file}",
+        )
         assert code == 0, err
         runs[batch_size] = read_results(out_file)
-    assert [r["instruction"] for r in runs[1]] == ["Hello world", "Write a short poem about the sea, the sky and the wind",
-                                                   "What is the capital of France?"]
+    assert [r["instruction"] for r in runs[1]] == [
+        "Hello world",
+        "Write a short poem about the sea, the sky and the wind",
+        "What is the capital of France?",
+    ]
     assert runs[2] == runs[1]
     assert len({r["response"] for r in runs[1]}) == 3
     # The default template is alpaca, and the batched run printed every prompt and response.
@@ -112,8 +138,9 @@ def test_jsonl_records_use_the_template_with_input(llama2_dir, capsys, tmp_path)
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) + "\n")
     out_file = tmp_path / "out.jsonl"
-    code, out, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={records}",
-                                   f"output_file={out_file}")
+    code, out, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={records}", f"output_file={out_file}"
+    )
     assert code == 0, err
     formatted = get_template("alpaca").format("Add the numbers.", "2 and 3")
     assert f"<s>{formatted}\n=== response ===" in out
@@ -126,11 +153,12 @@ def test_stop_string_ends_the_response_before_it(llama2_dir, capsys, tmp_path):
     argv = [f"checkpoint_dir={llama2_dir}", "prompt=Hello world", "template=none", "max_new_tokens=24"]
     code, _, _ = tune_generate(capsys, *argv, f"output_file={tmp_path / 'free.jsonl'}")
     full = read_results(tmp_path / "free.jsonl")[0]["response"]
-    start = next(i for i in range(2, len(full) - 3) if full.find(full[i:i + 3]) == i and full[i:i + 3].strip())
-    stop = full[start:start + 3]
+    start = next(i for i in range(2, len(full) - 3) if full.find(full[i : i + 3]) == i and full[i : i + 3].strip())
+    stop = full[start : start + 3]
 
-    code, out, err = tune_generate(capsys, *argv, f"stop_strings=[{json.dumps(stop)}]",
-                                   f"output_file={tmp_path / 'stopped.jsonl'}")
+    code, out, err = tune_generate(
+        capsys, *argv, f"stop_strings=[{json.dumps(stop)}]", f"output_file={tmp_path / 'stopped.jsonl'}"
+    )
     assert code == 0, err
     [result] = read_results(tmp_path / "stopped.jsonl")
     assert result["response"] == full[:start] and result["stop_reason"] == "stop_string"
@@ -139,8 +167,9 @@ def test_stop_string_ends_the_response_before_it(llama2_dir, capsys, tmp_path):
 
 
 def test_llama2_chat_format(llama2_dir, capsys):
-    code, out, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hello there", "chat=true",
-                                   "system_prompt=Be brief.")
+    code, out, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hello there", "chat=true", "system_prompt=Be brief."
+    )
     assert code == 0, err
     assert "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHello there [/INST]\n=== response ===" in out
     assert "prompt format: llama2 chat format with a system prompt" in err
@@ -159,10 +188,14 @@ def test_llama3_chat_stops_at_eot(tmp_path, capsys):
         model.output.weight[tokenizer.eot_id, 0] = 10.0
     directory = save_checkpoint(model, tmp_path / "checkpoint", tokenizer_file)
     out_file = tmp_path / "out.jsonl"
-    code, out, err = tune_generate(capsys, f"checkpoint_dir={directory}", "prompt=Hello", "chat=true",
-                                   f"output_file={out_file}")
+    code, out, err = tune_generate(
+        capsys, f"checkpoint_dir={directory}", "prompt=Hello", "chat=true", f"output_file={out_file}"
+    )
     assert code == 0, err
-    assert "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n\n" in out
+    assert (
+        "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n\n"
+        in out
+    )
     [result] = read_results(out_file)
     assert (result["stop_reason"], result["generated_tokens"], result["response"]) == ("stop_token", 1, "")
 
@@ -192,8 +225,9 @@ def test_adapter_generates_like_the_merged_model(llama2_dir, capsys, tmp_path):
         "base": [f"checkpoint_dir={llama2_dir}"],
     }.items():
         out_file = tmp_path / f"{name}.jsonl"
-        code, _, err = tune_generate(capsys, *argv, "prompt=Hello world", "template=none", "max_new_tokens=20",
-                                     f"output_file={out_file}")
+        code, _, err = tune_generate(
+            capsys, *argv, "prompt=Hello world", "template=none", "max_new_tokens=20", f"output_file={out_file}"
+        )
         assert code == 0, err
         responses[name] = read_results(out_file)[0]
     assert responses["adapter"] == responses["merged"] == responses["pattern"]
@@ -206,12 +240,19 @@ def test_adapter_generates_like_the_merged_model(llama2_dir, capsys, tmp_path):
 def test_prompt_longer_than_the_context(llama2_dir, capsys, tmp_path):
     text = "Hello world, how are you today?"
     n = len(load_tokenizer(llama2_dir).encode(text, add_bos=True, add_eos=False))
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt={text}", "template=none",
-                                 f"max_new_tokens={257 - n}")
-    assert_one_error_line(code, err, f"the prompt has {n} tokens and max_new_tokens={257 - n}: 257 in all",
-                          "context of 256 tokens", "shorten the prompt or lower max_new_tokens")
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt={text}", "template=none",
-                                 f"max_new_tokens={256 - n}")  # fits exactly
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt={text}", "template=none", f"max_new_tokens={257 - n}"
+    )
+    assert_one_error_line(
+        code,
+        err,
+        f"the prompt has {n} tokens and max_new_tokens={257 - n}: 257 in all",
+        "context of 256 tokens",
+        "shorten the prompt or lower max_new_tokens",
+    )
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt={text}", "template=none", f"max_new_tokens={256 - n}"
+    )  # fits exactly
     assert code == 0, err
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hi\n" + "the lazy dog " * 100 + "\n")
@@ -232,17 +273,26 @@ def test_output_file_never_writes_over_an_input_and_replaces_results_only_when_d
     assert weights.read_bytes() == before
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "Say hi."}\n')
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", f"output_file={prompts}")
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", f"output_file={prompts}"
+    )
     assert_one_error_line(code, err, f"output_file {prompts} is the prompt_file")
     # A run that fails (here: a bad adapter_dir) leaves the earlier results as they were.
     results = tmp_path / "results.jsonl"
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", "max_new_tokens=4",
-                                 f"output_file={results}")
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", "max_new_tokens=4", f"output_file={results}"
+    )
     assert code == 0, err
     earlier = results.read_text()
     assert len(read_results(results)) == 1
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={prompts}", "max_new_tokens=4",
-                                 f"output_file={results}", f"adapter_dir={tmp_path / 'no_adapter'}")
+    code, _, err = tune_generate(
+        capsys,
+        f"checkpoint_dir={llama2_dir}",
+        f"prompt_file={prompts}",
+        "max_new_tokens=4",
+        f"output_file={results}",
+        f"adapter_dir={tmp_path / 'no_adapter'}",
+    )
     assert code == 2
     assert results.read_text() == earlier
 
@@ -254,18 +304,25 @@ def test_adapter_on_its_own_merged_model_is_refused(llama2_dir, capsys, tmp_path
     apply_lora(model, attn_modules=["q_proj", "v_proj"], mlp=False, output=False, rank=4, alpha=8.0)
     step = tmp_path / "step_5"
     save_peft_adapter(adapter_state_dict(model), step, rank=4, alpha=8.0, base_model_name_or_path=llama2_dir)
-    save_hf_checkpoint(merged_state_dict(model), model.args, step / "merged",
-                       tokenizer_files=[llama2_dir / "tokenizer.model"])
+    save_hf_checkpoint(
+        merged_state_dict(model), model.args, step / "merged", tokenizer_files=[llama2_dir / "tokenizer.model"]
+    )
     code, _, err = tune_generate(capsys, f"checkpoint_dir={step / 'merged'}", f"adapter_dir={step}", "prompt=Hi")
-    assert_one_error_line(code, err, f"checkpoint_dir {step / 'merged'} is the merged model of adapter_dir {step}",
-                          f"set checkpoint_dir to the base model ({llama2_dir})")
+    assert_one_error_line(
+        code,
+        err,
+        f"checkpoint_dir {step / 'merged'} is the merged model of adapter_dir {step}",
+        f"set checkpoint_dir to the base model ({llama2_dir})",
+    )
 
 
 def test_adapter_for_another_base_model(llama2_dir, capsys, tmp_path):
     other = random_model(load_tokenizer(llama2_dir).vocab_size, dim=32)
     apply_lora(other, attn_modules=["q_proj", "v_proj"], mlp=False, output=False, rank=4, alpha=8.0)
     save_peft_adapter(adapter_state_dict(other), tmp_path / "adapter", rank=4, alpha=8.0)
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"adapter_dir={tmp_path / 'adapter'}", "prompt=Hi")
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"adapter_dir={tmp_path / 'adapter'}", "prompt=Hi"
+    )
     assert_one_error_line(code, err, "q_proj.lora_A.weight", "shape [4, 32] but [4, 64] is expected")
 
 
@@ -273,12 +330,15 @@ def test_adapter_for_another_base_model(llama2_dir, capsys, tmp_path):
 def test_a_prompt_file_of_records_in_any_data_format(llama2_dir, capsys, tmp_path, suffix):
     path = tmp_path / f"prompts{suffix}"
     if suffix == ".json":
-        path.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Count.", "input": "1"}]))
+        path.write_text(
+            json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Count.", "input": "1"}])
+        )
     else:
-        path.write_text('instruction,input,output\nSay hi.,,hi\nCount.,1,\n')
+        path.write_text("instruction,input,output\nSay hi.,,hi\nCount.,1,\n")
     out_file = tmp_path / "out.jsonl"
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={path}", "max_new_tokens=3",
-                                 f"output_file={out_file}")
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", f"prompt_file={path}", "max_new_tokens=3", f"output_file={out_file}"
+    )
     assert code == 0, err
     results = read_results(out_file)
     assert [r["instruction"] for r in results] == ["Say hi.", "Count."]
@@ -290,13 +350,18 @@ def test_sampling_options_at_temperature_zero_are_noted_and_do_sample_points_to_
     assert code == 0, err
     assert "note: top_k and top_p shape sampling, which needs temperature > 0" in err
     code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", "do_sample=true")
-    assert_one_error_line(code, err, "unknown key 'do_sample'", "did you mean 'temperature'? (sampling is on when temperature > 0)")
+    assert_one_error_line(
+        code, err, "unknown key 'do_sample'", "did you mean 'temperature'? (sampling is on when temperature > 0)"
+    )
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ("{not json", "records.jsonl line 2 column 2 is not valid JSON"),
-    ('{"input": "no instruction"}', "records.jsonl line 2 has no 'instruction' text"),
-])
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("{not json", "records.jsonl line 2 column 2 is not valid JSON"),
+        ('{"input": "no instruction"}', "records.jsonl line 2 has no 'instruction' text"),
+    ],
+)
 def test_bad_prompt_records(llama2_dir, capsys, tmp_path, line, fragment):
     records = tmp_path / "records.jsonl"
     records.write_text('{"instruction": "Hi"}\n' + line + "\n")
@@ -305,7 +370,9 @@ def test_bad_prompt_records(llama2_dir, capsys, tmp_path, line, fragment):
 
 
 def test_prompt_and_prompt_file_together(llama2_dir, capsys, tmp_path):
-    code, _, err = tune_generate(capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", f"prompt_file={tmp_path / 'p.txt'}")
+    code, _, err = tune_generate(
+        capsys, f"checkpoint_dir={llama2_dir}", "prompt=Hi", f"prompt_file={tmp_path / 'p.txt'}"
+    )
     assert_one_error_line(code, err, "set exactly one of prompt and prompt_file", "prompt=none")
 
 

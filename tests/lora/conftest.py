@@ -32,8 +32,15 @@ def hf_checkpoint(tmp_path: Path) -> Callable:
     def make(seed: int = 0, **overrides):
         torch.manual_seed(seed)
         values = dict(
-            vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10_000.0,
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-5,
+            rope_theta=10_000.0,
             tie_word_embeddings=False,
         )
         values.update(overrides)

@@ -158,7 +158,9 @@ def test_adapter_state_dict_round_trip_into_a_fresh_model(tokens):
     load_adapter_state_dict(fresh, adapter_state_dict(model))
     with torch.no_grad():
         assert torch.equal(fresh(tokens), model(tokens))
-    with pytest.raises(UserError, match=r"layers.0.attn.q_proj.lora_a.weight has shape \[4, 64\] but the model expects \[2, 64\]"):
+    with pytest.raises(
+        UserError, match=r"layers.0.attn.q_proj.lora_a.weight has shape \[4, 64\] but the model expects \[2, 64\]"
+    ):
         small = _tiny()
         apply_lora(small, **ALL, rank=2, alpha=8.0, use_dora=True)
         load_adapter_state_dict(small, adapter_state_dict(model))

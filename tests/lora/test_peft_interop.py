@@ -52,12 +52,26 @@ def test_saved_adapter_gives_peft_our_logits(hf_checkpoint, tmp_path, tokens, us
         base = hf_model(tokens).logits
     adapter_dir = tmp_path / "adapter"
     save_peft_adapter(
-        adapter_state_dict(model), adapter_dir, rank=4, alpha=12.0, dropout=0.05, target_modules=TARGETS,
-        use_dora=use_dora, base_model_name_or_path=str(directory),
+        adapter_state_dict(model),
+        adapter_dir,
+        rank=4,
+        alpha=12.0,
+        dropout=0.05,
+        target_modules=TARGETS,
+        use_dora=use_dora,
+        base_model_name_or_path=str(directory),
     )
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
-    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["use_dora"]) == ("LORA", "CAUSAL_LM", 4, 12.0, use_dora)
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["use_dora"]) == (
+        "LORA",
+        "CAUSAL_LM",
+        4,
+        12.0,
+        use_dora,
+    )
     keys = load_file(adapter_dir / ADAPTER_WEIGHTS).keys()
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
     assert "base_model.model.lm_head.lora_A.weight" in keys
@@ -89,7 +103,13 @@ def test_adapter_trained_by_peft_loads_into_our_model(hf_checkpoint, tmp_path, t
     from peft import LoraConfig, get_peft_model
 
     hf_model, directory = hf_checkpoint()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "lm_head"], use_dora=use_dora, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "gate_proj", "lm_head"],
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(hf_model, config)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -97,14 +117,18 @@ def test_adapter_trained_by_peft_loads_into_our_model(hf_checkpoint, tmp_path, t
             if "lora_B" in name or "lora_magnitude_vector" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
-    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "peft" / ADAPTER_WEIGHTS)  # skipped on load
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(
+        tmp_path / "peft" / ADAPTER_WEIGHTS
+    )  # skipped on load
     with torch.no_grad():
         theirs = peft_model.eval()(tokens).logits
 
     model, args = load_model(directory, "auto")
     tensors, loaded_config = load_peft_adapter(tmp_path / "peft", args)
     settings = apply_lora_settings(loaded_config)
-    assert settings == dict(attn_modules=["q_proj", "v_proj"], mlp=True, output=True, rank=4, alpha=8, dropout=0.0, use_dora=use_dora)
+    assert settings == dict(
+        attn_modules=["q_proj", "v_proj"], mlp=True, output=True, rank=4, alpha=8, dropout=0.0, use_dora=use_dora
+    )
     assert apply_lora_settings({**loaded_config, "target_modules": ".*proj"}, tensors) == settings
     apply_lora(model, **settings)
     load_adapter_state_dict(model, tensors, strict=False)  # up/down projections keep their no-op init
@@ -121,8 +145,13 @@ def test_load_round_trip_is_exact(hf_checkpoint, tmp_path):
     tensors, config = load_peft_adapter(tmp_path / "a", args)
     assert tensors.keys() == saved.keys()
     assert all(torch.equal(tensors[name], saved[name]) for name in saved)
-    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
-    assert peft_tensor_name("layers.1.attn.output_proj.magnitude") == "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector"
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
+    assert (
+        peft_tensor_name("layers.1.attn.output_proj.magnitude")
+        == "base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector"
+    )
 
 
 @pytest.fixture
@@ -130,7 +159,9 @@ def saved_adapter(hf_checkpoint, tmp_path):
     _, directory = hf_checkpoint()
     model, args = load_model(directory, "auto")
     apply_lora(model, attn_modules=["q_proj", "v_proj"], mlp=False, output=False, rank=4, alpha=8.0)
-    save_peft_adapter(adapter_state_dict(model), tmp_path / "adapter", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"])
+    save_peft_adapter(
+        adapter_state_dict(model), tmp_path / "adapter", rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"]
+    )
     return tmp_path / "adapter", args
 
 
@@ -165,7 +196,9 @@ def test_unknown_module_is_a_user_error(saved_adapter):
     adapter_dir, _ = saved_adapter
     q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     _rewrite_weights(adapter_dir, lambda t: t.update({q_a.replace("q_proj", "qkv_proj"): t[q_a].clone()}))
-    with pytest.raises(UserError, match=r"names module model\.layers\.0\.self_attn\.qkv_proj, which is not a linear layer"):
+    with pytest.raises(
+        UserError, match=r"names module model\.layers\.0\.self_attn\.qkv_proj, which is not a linear layer"
+    ):
         load_peft_adapter(adapter_dir)
 
 
@@ -181,7 +214,9 @@ def test_shape_mismatch_names_the_tensor(saved_adapter):
 def test_rank_mismatch_and_missing_half_are_user_errors(saved_adapter):
     adapter_dir, _ = saved_adapter
     _rewrite_config(adapter_dir, r=8)
-    with pytest.raises(UserError, match=r"q_proj.lora_A.weight .* has shape \[4, 64\] but \[8, 64\] is expected \(r=8\)"):
+    with pytest.raises(
+        UserError, match=r"q_proj.lora_A.weight .* has shape \[4, 64\] but \[8, 64\] is expected \(r=8\)"
+    ):
         load_peft_adapter(adapter_dir)
     _rewrite_config(adapter_dir, r=4)
     _rewrite_weights(adapter_dir, lambda t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"))

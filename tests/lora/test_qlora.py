@@ -76,7 +76,16 @@ def test_meta_build_quantizes_after_loading(tokens):
     reference = build_model(ModelArgs(**QLORA_ARGS))
     with torch.device("meta"):
         model = TransformerDecoder(reference.args)
-    names = apply_lora(model, attn_modules=["q_proj", "v_proj"], mlp=True, output=True, rank=4, alpha=8.0, use_dora=True, quantize_base=True)
+    names = apply_lora(
+        model,
+        attn_modules=["q_proj", "v_proj"],
+        mlp=True,
+        output=True,
+        rank=4,
+        alpha=8.0,
+        use_dora=True,
+        quantize_base=True,
+    )
     model.load_state_dict(reference.state_dict(), strict=False, assign=True)
     model.init_rope()
     initialize_adapters(model)
@@ -97,7 +106,15 @@ def test_meta_build_quantizes_after_loading(tokens):
 def test_qlora_training_lowers_the_loss():
     torch.manual_seed(0)
     model = build_model(ModelArgs(**QLORA_ARGS))
-    apply_lora(model, attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], mlp=True, output=False, rank=8, alpha=16.0, quantize_base=True)
+    apply_lora(
+        model,
+        attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+        mlp=True,
+        output=False,
+        rank=8,
+        alpha=16.0,
+        quantize_base=True,
+    )
     set_trainable_params(model)
     batch = torch.randint(0, QLORA_ARGS["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.AdamW(adapter_params(model).values(), lr=1e-2)

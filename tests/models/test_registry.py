@@ -34,8 +34,21 @@ def test_published_parameter_counts(name):
 
 def test_tiny_definition():
     args = model_args("tiny")
-    assert (args.vocab_size, args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim) == (512, 256, 4, 8, 4, 768)
-    assert (args.max_seq_len, args.rope_theta, args.family, args.tie_embeddings, args.head_dim) == (512, 10_000.0, "llama2", False, 32)
+    assert (args.vocab_size, args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.hidden_dim) == (
+        512,
+        256,
+        4,
+        8,
+        4,
+        768,
+    )
+    assert (args.max_seq_len, args.rope_theta, args.family, args.tie_embeddings, args.head_dim) == (
+        512,
+        10_000.0,
+        "llama2",
+        False,
+        32,
+    )
 
 
 def test_llama3_family_settings():

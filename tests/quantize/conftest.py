@@ -29,7 +29,9 @@ def demo_tokenizer() -> Tokenizer:
 
 
 def heldout_samples(tokenizer: Tokenizer, limit: int = 64) -> list[dict[str, list[int]]]:
-    dataset = build_dataset(str(HELDOUT), dataset_type="instruct", tokenizer=tokenizer, max_seq_len=64, template="plain")
+    dataset = build_dataset(
+        str(HELDOUT), dataset_type="instruct", tokenizer=tokenizer, max_seq_len=64, template="plain"
+    )
     return [dataset[i] for i in range(limit)]
 
 
@@ -40,7 +42,7 @@ def train_small_model(tokenizer: Tokenizer, steps: int = TRAIN_STEPS) -> Transfo
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     order = torch.randperm(len(dataset)).tolist()
     for step in range(steps):
-        batch = collate([dataset[i] for i in order[step * 16 % len(order):][:16]], pad_id=tokenizer.pad_id)
+        batch = collate([dataset[i] for i in order[step * 16 % len(order) :][:16]], pad_id=tokenizer.pad_id)
         logits = model(batch["tokens"])
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
@@ -59,6 +61,12 @@ def trained_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) 
     """An fp32 Hugging Face checkpoint of the trained model, with its tokenizer."""
     model = train_small_model(tokenizer)
     directory = tmp_path_factory.mktemp("trained")
-    save_hf_checkpoint(model.state_dict(), ARGS, directory, tokenizer_files=[TOKENIZER],
-                       bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    save_hf_checkpoint(
+        model.state_dict(),
+        ARGS,
+        directory,
+        tokenizer_files=[TOKENIZER],
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
     return directory

@@ -39,8 +39,9 @@ GROUP_SIZE = 32
 
 
 def calibration_rows(tokenizer, count: int = 32) -> list[torch.Tensor]:
-    dataset = build_dataset(str(TRAIN), dataset_type="instruct", tokenizer=tokenizer, max_seq_len=64,
-                            template="plain", train_on_input=True)
+    dataset = build_dataset(
+        str(TRAIN), dataset_type="instruct", tokenizer=tokenizer, max_seq_len=64, template="plain", train_on_input=True
+    )
     return [torch.tensor(dataset[i]["tokens"]) for i in range(count)]
 
 
@@ -108,7 +109,7 @@ def _expected_size(model, scheme: str) -> int:
     tensors at 4 bytes, int8 codes at 1 byte (int4 codes at half a byte), plus per-row
     (int8) or per-group (int4) fp32 scales and int8 zero points."""
     total = 0
-    for name, tensor in model.state_dict().items():
+    for tensor in model.state_dict().values():
         if not ao.is_quantized(tensor):
             total += tensor.numel() * 4
             continue
@@ -122,8 +123,12 @@ def _expected_size(model, scheme: str) -> int:
 @pytest.mark.parametrize("scheme", CPU_SCHEMES)
 def test_reload_gives_identical_logits_and_size_shrinks(scheme, quantized, trained_dir, tmp_path, tokenizer):
     model = quantized[scheme]
-    out = save_quantized_checkpoint(model, tmp_path / scheme, {"scheme": scheme, "group_size": GROUP_SIZE},
-                                    tokenizer_files=[trained_dir / "tokenizer.model"])
+    out = save_quantized_checkpoint(
+        model,
+        tmp_path / scheme,
+        {"scheme": scheme, "group_size": GROUP_SIZE},
+        tokenizer_files=[trained_dir / "tokenizer.model"],
+    )
     reloaded, record = load_quantized_model(out)
     tokens = torch.tensor([tokenizer.encode("Sort the words alphabetically.\ncat dog bird\n")])
     with torch.inference_mode():
@@ -151,7 +156,9 @@ def _rtn_int4(weight: torch.Tensor) -> torch.Tensor:
     """Round-to-nearest int4 through the int4_weight_only scheme's own torchao config."""
     linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight.data = weight.clone()
-    ao.quantize_modules_(linear, ao.ptq_config("int4_weight_only", GROUP_SIZE, torch.device("cpu")), lambda m, fqn: True)
+    ao.quantize_modules_(
+        linear, ao.ptq_config("int4_weight_only", GROUP_SIZE, torch.device("cpu")), lambda m, fqn: True
+    )
     return linear.weight
 
 
@@ -183,7 +190,9 @@ def test_gptq_lowers_the_layer_output_error():
 
 
 def test_quantization_record_describes_the_directory(quantized, tmp_path):
-    out = save_quantized_checkpoint(quantized["int4_weight_only"], tmp_path / "q", {"scheme": "int4_weight_only", "group_size": 32})
+    out = save_quantized_checkpoint(
+        quantized["int4_weight_only"], tmp_path / "q", {"scheme": "int4_weight_only", "group_size": 32}
+    )
     record = json.loads((out / "quantization.json").read_text())
     assert record["size_bytes"] == (out / WEIGHTS_FILE).stat().st_size
     assert record["dtype"] == "float32" and record["format_version"] == 1
@@ -218,8 +227,18 @@ def test_tied_embeddings_stay_tied_and_full_precision(tmp_path, tokenizer):
     """Llama 3.2 shares the embedding with the output head: the head is left unquantized so the
     embedding lookup keeps exact weights, and the reload ties them again."""
     torch.manual_seed(0)
-    model = build_model(ModelArgs(vocab_size=512, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128,
-                                  max_seq_len=64, tie_embeddings=True)).eval()
+    model = build_model(
+        ModelArgs(
+            vocab_size=512,
+            dim=64,
+            n_layers=1,
+            n_heads=4,
+            n_kv_heads=2,
+            hidden_dim=128,
+            max_seq_len=64,
+            tie_embeddings=True,
+        )
+    ).eval()
     names = quantize_model(model, "int8_weight_only", group_size=GROUP_SIZE)
     assert "output" not in names and len(names) == 7
     out = save_quantized_checkpoint(model, tmp_path / "tied", {"scheme": "int8_weight_only", "group_size": None})

@@ -4,13 +4,21 @@ import json
 
 import pytest
 
-from tests.cli_helpers import error_line, run
 from finetune.checkpointing.quantized import load_quantized_model, weights_size
+from tests.cli_helpers import error_line, run
 
 
 def quantize_args(trained_dir, out, *extra: str) -> list[str]:
-    return ["quantize", f"checkpoint_dir={trained_dir}", f"output_dir={out}", "template=plain", "max_seq_len=64",
-            "eval_max_samples=64", "device=cpu", *extra]
+    return [
+        "quantize",
+        f"checkpoint_dir={trained_dir}",
+        f"output_dir={out}",
+        "template=plain",
+        "max_seq_len=64",
+        "eval_max_samples=64",
+        "device=cpu",
+        *extra,
+    ]
 
 
 def test_quantize_reports_size_and_perplexity_then_generate_loads_it(capsys, trained_dir, tmp_path):
@@ -29,8 +37,15 @@ def test_quantize_reports_size_and_perplexity_then_generate_loads_it(capsys, tra
     assert f"{ppl['before']:.4f} -> {ppl['after']:.4f}" in stdout
     assert f"({record['source_size_bytes'] / record['size_bytes']:.2f}x smaller)" in stdout
 
-    code, stdout, _ = run(capsys, "generate", f"checkpoint_dir={out}", "template=plain",
-                          "prompt=Add the two numbers.", "max_new_tokens=6", "device=cpu")
+    code, stdout, _ = run(
+        capsys,
+        "generate",
+        f"checkpoint_dir={out}",
+        "template=plain",
+        "prompt=Add the two numbers.",
+        "max_new_tokens=6",
+        "device=cpu",
+    )
     assert code == 0
     assert "=== response ===" in stdout
 
@@ -44,7 +59,10 @@ def test_int8_outputs_load_in_transformers_with_our_logits(capsys, trained_dir, 
     assert run(capsys, *quantize_args(trained_dir, out, f"scheme={scheme}", "eval_dataset=none"))[0] == 0
     ours, _ = load_quantized_model(out, device=torch.device("cpu"))
     theirs = AutoModelForCausalLM.from_pretrained(out)
-    assert type(theirs.model.layers[0].self_attn.q_proj.weight).__name__ == type(ours.layers[0].attn.q_proj.weight).__name__
+    assert (
+        type(theirs.model.layers[0].self_attn.q_proj.weight).__name__
+        == type(ours.layers[0].attn.q_proj.weight).__name__
+    )
     tokens = torch.randint(0, ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
@@ -55,8 +73,9 @@ def test_a_truncated_quantized_checkpoint_is_one_error_line(capsys, trained_dir,
     assert run(capsys, *quantize_args(trained_dir, out, "scheme=int8_weight_only", "eval_dataset=none"))[0] == 0
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    code, _, err = run(capsys, "generate", f"checkpoint_dir={out}", "prompt=Hi", "template=none",
-                       "max_new_tokens=4", "device=cpu")
+    code, _, err = run(
+        capsys, "generate", f"checkpoint_dir={out}", "prompt=Hi", "template=none", "max_new_tokens=4", "device=cpu"
+    )
     assert code == 2
     assert error_line(err).startswith(f"error: {weights}: tensor ")
     assert error_line(err).endswith("the file is truncated or corrupt")
@@ -64,8 +83,17 @@ def test_a_truncated_quantized_checkpoint_is_one_error_line(capsys, trained_dir,
 
 def test_gptq_calibrates_on_the_given_data(capsys, trained_dir, tmp_path):
     out = tmp_path / "gptq"
-    code, _, err = run(capsys, *quantize_args(trained_dir, out, "scheme=gptq_int4", "group_size=64",
-                                              "calibration_dataset=pkg:data/demo/train.jsonl", "calibration_samples=16"))
+    code, _, err = run(
+        capsys,
+        *quantize_args(
+            trained_dir,
+            out,
+            "scheme=gptq_int4",
+            "group_size=64",
+            "calibration_dataset=pkg:data/demo/train.jsonl",
+            "calibration_samples=16",
+        ),
+    )
     assert code == 0, err
     record = json.loads((out / "quantization.json").read_text())
     assert record["calibration"] == {"dataset": "pkg:data/demo/train.jsonl", "samples": 16}
@@ -129,6 +157,11 @@ def test_requantizing_into_the_same_output_dir_replaces_it(capsys, trained_dir, 
     assert run(capsys, *quantize_args(trained_dir, out, "eval_dataset=none", "scheme=int8_dynamic"))[0] == 0
     assert json.loads((out / "quantization.json").read_text())["scheme"] == "int8_dynamic"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "quantization.json", "tokenizer.model",
-        "tokenizer_config.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "quantization.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     assert not list(tmp_path.glob(".q.*"))  # no temporary or moved-aside directory left behind

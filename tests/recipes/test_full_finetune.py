@@ -19,7 +19,7 @@ from finetune.cli import main
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.recipes.full_finetune import FullFinetuneRecipe
 from finetune.training.loop import TrainingLoop
-from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, train_losses, tensors, tune, wait_for
+from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, tensors, train_losses, tune, wait_for
 
 
 def params(tmp_path: Path, **overrides) -> FullFinetuneParams:
@@ -49,8 +49,9 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
 
 
 def test_eval_split_holds_out_the_rest_of_the_training_file(tmp_path):
-    recipe = FullFinetuneRecipe(params(tmp_path, split="train[:90%]", eval_dataset=TINY["dataset"],
-                                       eval_split="train[90%:]", max_seq_len=128))  # no sample is cut
+    recipe = FullFinetuneRecipe(
+        params(tmp_path, split="train[:90%]", eval_dataset=TINY["dataset"], eval_split="train[90%:]", max_seq_len=128)
+    )  # no sample is cut
     recipe.setup()
     train, held_out = recipe.loop.train_loader.dataset, recipe.loop.eval_loader.dataset
     records = [line for line in resolve_path(TINY["dataset"]).read_text().splitlines() if line.strip()]
@@ -130,7 +131,9 @@ def test_status_goes_starting_running_done(tmp_path, monkeypatch):
         original(self, **fields)
 
     monkeypatch.setattr(monitor.JobMonitor, "_set", record)
-    assert main(["finetune_llm", *as_argv(output_dir=tmp_path / "out", max_steps_per_epoch=2, save_every_n_steps=1)]) == 0
+    assert (
+        main(["finetune_llm", *as_argv(output_dir=tmp_path / "out", max_steps_per_epoch=2, save_every_n_steps=1)]) == 0
+    )
     assert seen == ["starting", "running", "checkpointing", "running", "checkpointing", "running", "done"]
     status = json.loads((tmp_path / "out" / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 2
@@ -143,11 +146,15 @@ def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_and_keeps_them(tmp_path
     before = (out / "step_3" / "model.safetensors").read_bytes()
     lines_before = (out / "metrics.jsonl").read_text()
     capsys.readouterr()
-    code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=2, warmup_steps=1, keep_last_n_checkpoints=1)])
+    code = main(
+        ["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=2, warmup_steps=1, keep_last_n_checkpoints=1)]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"error: output_dir {out} already holds checkpoints of an earlier run (step_3); "
-                   "set resume_from_checkpoint=true to continue it, or choose another output_dir")
+    assert err == (
+        f"error: output_dir {out} already holds checkpoints of an earlier run (step_3); "
+        "set resume_from_checkpoint=true to continue it, or choose another output_dir"
+    )
     assert (out / "step_3" / "model.safetensors").read_bytes() == before
     assert (out / "metrics.jsonl").read_text() == lines_before
 
@@ -191,14 +198,22 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_earlier_checkpoint(tmp_
     code = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2, warmup_steps=1)])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"error: cannot write {out / 'step_4'} (No space left on device); free space or fix permissions "
-                   "there, or choose another output_dir, then run again: nothing saved before was changed")
+    assert err == (
+        f"error: cannot write {out / 'step_4'} (No space left on device); free space or fix permissions "
+        "there, or choose another output_dir, then run again: nothing saved before was changed"
+    )
     leftovers = [p.name for p in out.iterdir() if p.name.startswith((".", "step_")) and p.name != LOCK_FILE]
     assert sorted(leftovers) == ["step_2"]
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
     monkeypatch.setattr(writers, "save_safetensors", real_save)
-    resumed = main(["finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2,
-                                             warmup_steps=1, resume_from_checkpoint=True)])
+    resumed = main(
+        [
+            "finetune_llm",
+            *as_argv(
+                output_dir=out, max_steps_per_epoch=4, save_every_n_steps=2, warmup_steps=1, resume_from_checkpoint=True
+            ),
+        ]
+    )
     assert resumed == 0 and (out / "step_4").is_dir()
 
 
@@ -262,8 +277,21 @@ def test_two_nodes_on_loopback(tmp_path):
     run = [*as_argv(max_steps_per_epoch=2, batch_size=2), f"output_dir={tmp_path / 'out'}"]
     port = 29500 + os.getpid() % 1000
     nodes = [
-        tune("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-             "--master_port", str(port), "finetune_llm", *run, wait=False)
+        tune(
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "finetune_llm",
+            *run,
+            wait=False,
+        )
         for rank in (0, 1)
     ]
     for node in nodes:
@@ -297,9 +325,14 @@ def test_sigterm_during_setup_ends_the_run_as_preempted(tmp_path, monkeypatch, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_signal,status,state", [
-    (signal.SIGINT, 130, "stopped"), (signal.SIGTERM, 143, "preempted"),
-], ids=["ctrl_c", "sigterm"])
+@pytest.mark.parametrize(
+    "stop_signal,status,state",
+    [
+        (signal.SIGINT, 130, "stopped"),
+        (signal.SIGTERM, 143, "preempted"),
+    ],
+    ids=["ctrl_c", "sigterm"],
+)
 def test_a_stop_signal_saves_a_checkpoint_and_records_why(tmp_path, stop_signal, status, state):
     """Ctrl-C is a stop a person asked for and SIGTERM a scheduler's preemption: neither is a failure."""
     out = tmp_path / "out"
@@ -321,10 +354,17 @@ def test_a_stop_signal_saves_a_checkpoint_and_records_why(tmp_path, stop_signal,
 @pytest.mark.slow
 def test_compile_profile_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
-    recipe = run_in_process(params(
-        tmp_path, max_steps_per_epoch=3, compile=True, profile=True, profile_wait_steps=0,
-        profile_active_steps=1, metric_logger_type="tensorboard",
-    ))
+    recipe = run_in_process(
+        params(
+            tmp_path,
+            max_steps_per_epoch=3,
+            compile=True,
+            profile=True,
+            profile_wait_steps=0,
+            profile_active_steps=1,
+            metric_logger_type="tensorboard",
+        )
+    )
     assert all(layer._compiled_call_impl is not None for layer in recipe.model.layers)
     assert len(train_losses(tmp_path / "out")) == 3
     traces = list((tmp_path / "out" / "profile").glob("*.json"))
@@ -373,14 +413,25 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     script.write_text(SLOW_SAVE)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([sys.executable, "-m", "finetune.cli", "finetune_llm",
-                            *as_argv(output_dir=out, max_steps_per_epoch=2)], env=env, capture_output=True, text=True)
+    first = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "finetune_llm", *as_argv(output_dir=out, max_steps_per_epoch=2)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     before = tensors(out / "step_2" / "model.safetensors")
     process = subprocess.Popen(
-        [sys.executable, str(script), "finetune_llm",
-         *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(script),
+            "finetune_llm",
+            *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
     while not list(out.glob(".step_4.tmp-*/model.safetensors")):
@@ -392,9 +443,18 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     after = tensors(out / "step_2" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     # The half-written checkpoint is ignored; the run resumes from step 2.
-    again = subprocess.run([sys.executable, "-m", "finetune.cli", "finetune_llm",
-                            *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2)],
-                           env=env, capture_output=True, text=True)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "finetune_llm",
+            *as_argv(output_dir=out, max_steps_per_epoch=2, resume_from_checkpoint="true", epochs=2),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stderr and str(out / "step_2") in again.stderr
     assert (out / "step_4" / "model.safetensors").is_file()

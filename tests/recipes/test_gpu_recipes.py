@@ -35,8 +35,15 @@ def falls(losses: list[float]) -> bool:
 
 
 def test_bf16_full_with_checkpointing_and_offloading_trains(tmp_path):
-    run(FullFinetuneRecipe, FullFinetuneParams, tmp_path, dtype="bf16", max_steps_per_epoch=30,
-        enable_activation_checkpointing=True, enable_activation_offloading=True)
+    run(
+        FullFinetuneRecipe,
+        FullFinetuneParams,
+        tmp_path,
+        dtype="bf16",
+        max_steps_per_epoch=30,
+        enable_activation_checkpointing=True,
+        enable_activation_offloading=True,
+    )
     losses = train_losses(tmp_path / "out")
     assert len(losses) == 30 and falls(losses), losses
     record = metrics(tmp_path / "out")[-1]
@@ -49,22 +56,40 @@ def test_fp32_on_cuda_follows_the_cpu_run(tmp_path):
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        run(FullFinetuneRecipe, FullFinetuneParams, tmp_path / "gpu", dtype="fp32", max_steps_per_epoch=5, shuffle=False)
+        run(
+            FullFinetuneRecipe, FullFinetuneParams, tmp_path / "gpu", dtype="fp32", max_steps_per_epoch=5, shuffle=False
+        )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    run(FullFinetuneRecipe, FullFinetuneParams, tmp_path / "cpu", device="cpu", dtype="fp32", max_steps_per_epoch=5,
-        shuffle=False)
+    run(
+        FullFinetuneRecipe,
+        FullFinetuneParams,
+        tmp_path / "cpu",
+        device="cpu",
+        dtype="fp32",
+        max_steps_per_epoch=5,
+        shuffle=False,
+    )
     gpu, cpu = train_losses(tmp_path / "gpu" / "out"), train_losses(tmp_path / "cpu" / "out")
     assert len(gpu) == len(cpu) == 5
     for g, c in zip(gpu, cpu):
         assert abs(g - c) <= 1e-3 * abs(c), (gpu, cpu)
 
 
-@pytest.mark.parametrize("extra", [{}, {"quantize_base": True}, {"use_dora": True, "compile": True}],
-                         ids=["lora", "qlora", "dora_compiled"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"quantize_base": True}, {"use_dora": True, "compile": True}], ids=["lora", "qlora", "dora_compiled"]
+)
 def test_lora_variants_train_in_bf16(tmp_path, extra):
-    run(LoraFinetuneRecipe, LoraFinetuneParams, tmp_path, dtype="bf16", max_steps_per_epoch=30, lr=3e-3,
-        apply_lora_to_mlp=True, **extra)
+    run(
+        LoraFinetuneRecipe,
+        LoraFinetuneParams,
+        tmp_path,
+        dtype="bf16",
+        max_steps_per_epoch=30,
+        lr=3e-3,
+        apply_lora_to_mlp=True,
+        **extra,
+    )
     losses = train_losses(tmp_path / "out")
     # Adapters on a random base learn the data's easy part quickly, then plateau (seen: 6.3 -> 5.3
     # in 5 steps on an H100), so the bar is an absolute drop rather than a ratio.
@@ -73,8 +98,15 @@ def test_lora_variants_train_in_bf16(tmp_path, extra):
 
 
 def test_torchao_adamw8bit_and_compile_train(tmp_path):
-    run(FullFinetuneRecipe, FullFinetuneParams, tmp_path, dtype="bf16", max_steps_per_epoch=30,
-        optimizer="adamw8bit", compile=True)
+    run(
+        FullFinetuneRecipe,
+        FullFinetuneParams,
+        tmp_path,
+        dtype="bf16",
+        max_steps_per_epoch=30,
+        optimizer="adamw8bit",
+        compile=True,
+    )
     losses = train_losses(tmp_path / "out")
     assert len(losses) == 30 and falls(losses), losses
 

@@ -83,8 +83,14 @@ def test_outputs_load_in_peft_and_transformers_with_our_logits(tmp_path, hf_base
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     p = params(
-        tmp_path, model="auto", checkpoint_dir=str(hf_base), tokenizer_path=None, max_steps_per_epoch=3,
-        use_dora=use_dora, apply_lora_to_output=True, **ALL_MODULES,
+        tmp_path,
+        model="auto",
+        checkpoint_dir=str(hf_base),
+        tokenizer_path=None,
+        max_steps_per_epoch=3,
+        use_dora=use_dora,
+        apply_lora_to_output=True,
+        **ALL_MODULES,
     )
     recipe = train(p)
     step_dir = tmp_path / "out" / "step_3"
@@ -106,8 +112,11 @@ def test_qlora_trains_with_a_4_bit_base(tmp_path):
     # Adapters on q and v only: every other projection must be 4-bit as well.
     recipe = LoraFinetuneRecipe(params(tmp_path, max_steps_per_epoch=12, batch_size=8, quantize_base=True))
     recipe.setup()
-    bases = [w for name, w in recipe.model.named_parameters()
-             if name.startswith("layers.") and w.dim() == 2 and ".lora_" not in name]
+    bases = [
+        w
+        for name, w in recipe.model.named_parameters()
+        if name.startswith("layers.") and w.dim() == 2 and ".lora_" not in name
+    ]
     assert len(bases) == 7 * len(recipe.model.layers) and all(ao.is_nf4(w) for w in bases)
     nf4_bytes = sum(ao.nf4_nbytes(w) for w in bases)
     fp32_bytes = sum(w.numel() * 4 for w in bases)
@@ -122,8 +131,16 @@ def test_qlora_trains_with_a_4_bit_base(tmp_path):
 @pytest.mark.parametrize("nproc,method", [(1, "dora"), (2, "dora"), (2, "qdora")])
 def test_resume_after_sigkill_is_bit_exact(tmp_path, nproc, method):
     launcher = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
-    run = as_argv(max_steps_per_epoch=4, epochs=2, save_every_n_steps=2, batch_size=2, lr=3e-3, use_dora="true",
-                  lora_dropout=0.1, quantize_base=str(method == "qdora").lower())
+    run = as_argv(
+        max_steps_per_epoch=4,
+        epochs=2,
+        save_every_n_steps=2,
+        batch_size=2,
+        lr=3e-3,
+        use_dora="true",
+        lora_dropout=0.1,
+        quantize_base=str(method == "qdora").lower(),
+    )
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     result = tune(*launcher, "lora_finetune", *run, f"output_dir={reference}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,11 +174,13 @@ def test_resume_refuses_changed_adapter_settings_and_the_other_recipe(tmp_path, 
     assert main(["lora_finetune", *run, "resume_from_checkpoint=true", "lora_alpha=1.0"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: lora_alpha is 1.0 but {out / 'step_2'} was trained with 16.0; a resumed run keeps its settings: "
-        "set lora_alpha=16.0, or start a new run in another output_dir")
+        "set lora_alpha=16.0, or start a new run in another output_dir"
+    )
     assert main(["finetune_llm", *run, "resume_from_checkpoint=true"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {out / 'step_2'} is a checkpoint of a LoRA run; resume it with lora_finetune_single_device "
-        "(or its _distributed alias), or choose another output_dir")
+        "(or its _distributed alias), or choose another output_dir"
+    )
     assert (out / "params.yaml").read_text() == saved_params
 
 
@@ -177,19 +196,33 @@ def test_a_bad_base_checkpoint_stops_both_processes_with_one_line(tmp_path, hf_b
     weights = tensors(hf_base / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    result = tune("--nproc_per_node", "2", "lora_finetune", *as_argv(
-        model="auto", checkpoint_dir=broken, tokenizer_path=None, max_steps_per_epoch=2, output_dir=tmp_path / "out"))
+    result = tune(
+        "--nproc_per_node",
+        "2",
+        "lora_finetune",
+        *as_argv(
+            model="auto", checkpoint_dir=broken, tokenizer_path=None, max_steps_per_epoch=2, output_dir=tmp_path / "out"
+        ),
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "[rank" not in result.stderr, result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         f"error: checkpoint {broken} lacks tensors the model needs: model.layers.1.mlp.up_proj.weight; "
-        "the checkpoint is incomplete or for a different model"]
+        "the checkpoint is incomplete or for a different model"
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,stop_signal", [
-    (1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGTERM),
-], ids=["1-ctrl_c", "2-ctrl_c", "1-sigterm", "2-sigterm"])
+@pytest.mark.parametrize(
+    "nproc,stop_signal",
+    [
+        (1, signal.SIGINT),
+        (2, signal.SIGINT),
+        (1, signal.SIGTERM),
+        (2, signal.SIGTERM),
+    ],
+    ids=["1-ctrl_c", "2-ctrl_c", "1-sigterm", "2-sigterm"],
+)
 def test_a_stop_signal_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc, stop_signal):
     """With dropout drawing random numbers inside each step, only a stop between steps resumes exactly.
     The signal goes to every process, as a terminal's Ctrl-C or Slurm's preemption does (torchrun then
@@ -214,7 +247,9 @@ def test_a_stop_signal_stops_after_a_step_and_resumes_bit_exact(tmp_path, nproc,
     assert record["last_checkpoint"] == str(saved)
     result = tune(*launcher, "lora_finetune", *run, f"output_dir={interrupted}", "resume_from_checkpoint=true")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_tensors(reference / "step_40" / "adapter_model.safetensors", interrupted / "step_40" / "adapter_model.safetensors")
+    assert_same_tensors(
+        reference / "step_40" / "adapter_model.safetensors", interrupted / "step_40" / "adapter_model.safetensors"
+    )
     assert process.returncode == 128 + stop_signal, stderr[-3000:]
 
 

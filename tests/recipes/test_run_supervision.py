@@ -49,8 +49,15 @@ def wait_for_steps(out: Path, process, count: int) -> None:
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads processes from /proc")
 def test_workers_exit_when_the_launcher_is_killed(tmp_path):
     out = tmp_path / "out"
-    process = tune("--nproc_per_node", "2", "finetune_llm", *as_argv(max_steps_per_epoch=4000, batch_size=2,
-                   save_every_n_steps=3), f"output_dir={out}", wait=False, start_new_session=True)
+    process = tune(
+        "--nproc_per_node",
+        "2",
+        "finetune_llm",
+        *as_argv(max_steps_per_epoch=4000, batch_size=2, save_every_n_steps=3),
+        f"output_dir={out}",
+        wait=False,
+        start_new_session=True,
+    )
     workers: list[int] = []
     try:
         wait_for_steps(out, process, 2)
@@ -86,12 +93,20 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_touches_nothing(tmp_
         # A fresh run and a resume are both refused, in one process or several.
         assert main(["finetune_llm", *as_argv(max_steps_per_epoch=2, lr=0.5), f"output_dir={out}"]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
-            refused + "wait for it to finish or choose another output_dir"]
-        second = tune("--nproc_per_node", "2", "finetune_llm", *as_argv(max_steps_per_epoch=2, lr=0.5),
-                      f"output_dir={out}", "resume_from_checkpoint=true")
+            refused + "wait for it to finish or choose another output_dir"
+        ]
+        second = tune(
+            "--nproc_per_node",
+            "2",
+            "finetune_llm",
+            *as_argv(max_steps_per_epoch=2, lr=0.5),
+            f"output_dir={out}",
+            "resume_from_checkpoint=true",
+        )
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert [line for line in second.stderr.splitlines() if line.startswith("error:")] == [
-            refused + "wait for it to finish or choose another output_dir"]
+            refused + "wait for it to finish or choose another output_dir"
+        ]
         assert (out / "params.yaml").read_text() == params_before
         record = json.loads((out / "status.json").read_text())
         assert record["pid"] == first.pid and record["state"] == "running"

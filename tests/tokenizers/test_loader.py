@@ -56,9 +56,7 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(path) in message and "does not exist" in message
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"garbage\x00\xff\x01 not a model", b"hello world\n", b"\x0a\x05hello"]
-)
+@pytest.mark.parametrize("content", [b"", b"garbage\x00\xff\x01 not a model", b"hello world\n", b"\x0a\x05hello"])
 def test_garbage_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "tokenizer.model"
     path.write_bytes(content)

@@ -101,14 +101,10 @@ def test_chat_layout_multi_turn(sp_tok: SentencePieceTokenizer) -> None:
     p1, a1 = _turn(sp_tok, "[INST] Hi [/INST]"), _turn(sp_tok, "Hello! How can I help? ")
     p2, a2 = _turn(sp_tok, "[INST] Capital of France? [/INST]"), _turn(sp_tok, "Paris. ")
     assert tokens == [1, *p1, *a1, 2, 1, *p2, *a2, 2]
-    expected_mask = (
-        [True] * (1 + len(p1)) + [False] * (len(a1) + 1)
-        + [True] * (1 + len(p2)) + [False] * (len(a2) + 1)
-    )
+    expected_mask = [True] * (1 + len(p1)) + [False] * (len(a1) + 1) + [True] * (1 + len(p2)) + [False] * (len(a2) + 1)
     assert mask == expected_mask
     assert sp_tok.decode(tokens, skip_special_tokens=False) == (
-        "<s>[INST] Hi [/INST] Hello! How can I help? </s>"
-        "<s>[INST] Capital of France? [/INST] Paris. </s>"
+        "<s>[INST] Hi [/INST] Hello! How can I help? </s><s>[INST] Capital of France? [/INST] Paris. </s>"
     )
 
 
@@ -126,9 +122,7 @@ def test_chat_open_ends_for_generation(sp_tok: SentencePieceTokenizer) -> None:
     prompt = _turn(sp_tok, "[INST] Hi [/INST]")
     tokens, mask = sp_tok.tokenize_messages([Message("user", "Hi")])
     assert tokens == [1, *prompt] and mask == [True] * len(tokens)
-    tokens, _ = sp_tok.tokenize_messages(
-        [Message("user", "Hi"), Message("assistant", "Hel")], add_eos=False
-    )
+    tokens, _ = sp_tok.tokenize_messages([Message("user", "Hi"), Message("assistant", "Hel")], add_eos=False)
     assert tokens == [1, *prompt, *_turn(sp_tok, "Hel")]
 
 

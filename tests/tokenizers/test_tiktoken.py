@@ -76,9 +76,7 @@ def test_special_strings_in_text_are_plain(tt_tok: TikTokenTokenizer) -> None:
 def test_decode_special_tokens(tt_tok: TikTokenTokenizer) -> None:
     ids = tt_tok.encode("Hi") + [tt_tok.eot_id]
     assert tt_tok.decode(ids) == "Hi"
-    assert tt_tok.decode(ids, skip_special_tokens=False) == (
-        "<|begin_of_text|>Hi<|end_of_text|><|eot_id|>"
-    )
+    assert tt_tok.decode(ids, skip_special_tokens=False) == ("<|begin_of_text|>Hi<|end_of_text|><|eot_id|>")
 
 
 def _plain(tok: TikTokenTokenizer, text: str) -> list[int]:
@@ -153,9 +151,7 @@ def test_chat_unmasked_user_and_ipython(tt_tok: TikTokenTokenizer) -> None:
 
 
 def test_chat_generation_prompt(tt_tok: TikTokenTokenizer) -> None:
-    tokens, _ = tt_tok.tokenize_messages(
-        [Message("user", "Hi"), Message("assistant", "")], add_eos=False
-    )
+    tokens, _ = tt_tok.tokenize_messages([Message("user", "Hi"), Message("assistant", "")], add_eos=False)
     assert tt_tok.decode(tokens, skip_special_tokens=False) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -173,9 +169,7 @@ def test_split_for_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
     assert " " * 10 in pieces  # the long whitespace run is cut too
 
 
-def test_split_keeps_ordinary_text_ids(
-    tt_tok: TikTokenTokenizer, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_split_keeps_ordinary_text_ids(tt_tok: TikTokenTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     text = "Hello world! How are you today? " * 20
     whole = _plain(tt_tok, text)
     monkeypatch.setattr(tt, "MAX_ENCODE_CHARS", 50)

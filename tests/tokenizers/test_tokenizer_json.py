@@ -28,7 +28,11 @@ def test_a_directory_with_only_tokenizer_json_loads_as_llama3(json_only_dir, tt_
     tokenizer = load_tokenizer(json_only_dir, family="llama3_2_1b")
     assert isinstance(tokenizer, TikTokenTokenizer)
     assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.eot_id) == (
-        tt_tok.vocab_size, tt_tok.bos_id, tt_tok.eos_id, tt_tok.eot_id)
+        tt_tok.vocab_size,
+        tt_tok.bos_id,
+        tt_tok.eos_id,
+        tt_tok.eot_id,
+    )
     for text in TEXTS:
         assert tokenizer.encode(text) == tt_tok.encode(text)
     messages = [Message("system", "Be brief."), Message("user", "What is 2+2?"), Message("assistant", "4")]

@@ -19,15 +19,18 @@ def params(**overrides) -> FullFinetuneParams:
     return FullFinetuneParams(**{**TINY, "output_dir": "unused", **overrides})
 
 
-@pytest.mark.parametrize("split, eval_split, overlaps", [
-    ("train", "train", True),
-    ("train[:90%]", "train[90%:]", False),
-    ("train[:90%]", "train[80%:]", True),
-    ("train", "train[95%:]", True),
-    ("train[100:]", "train[:100]", False),
-    ("train[:90%]", "train[-10:]", False),  # not known without counting: no note
-    ("train", "test", False),
-])
+@pytest.mark.parametrize(
+    "split, eval_split, overlaps",
+    [
+        ("train", "train", True),
+        ("train[:90%]", "train[90%:]", False),
+        ("train[:90%]", "train[80%:]", True),
+        ("train", "train[95%:]", True),
+        ("train[100:]", "train[:100]", False),
+        ("train[:90%]", "train[-10:]", False),  # not known without counting: no note
+        ("train", "test", False),
+    ],
+)
 def test_eval_overlap_is_found_from_the_splits(split, eval_split, overlaps):
     p = params(dataset="data.jsonl", eval_dataset="data.jsonl", split=split, eval_split=eval_split)
     assert eval_overlaps_training(p) is overlaps
@@ -45,7 +48,9 @@ def test_eval_on_the_training_data_is_noted_and_a_subset_stays_with_its_dataset(
     same = params(dataset=str(data), dataset_subset="main", eval_dataset=str(data), max_seq_len=512)
     loader = build_eval_data(same, tokenizer, ONE_PROCESS, log=notes.append)
     assert loader is not None and len(loader.dataset) == len(ALPACA_RECORDS)
-    assert notes[0].startswith(f"note: the eval data overlaps the training data ({data}, split=train, eval_split=train)")
+    assert notes[0].startswith(
+        f"note: the eval data overlaps the training data ({data}, split=train, eval_split=train)"
+    )
     notes.clear()
     elsewhere = params(dataset=str(data), dataset_subset="main", eval_dataset=str(held_out), max_seq_len=512)
     loader = build_eval_data(elsewhere, tokenizer, ONE_PROCESS, log=notes.append)

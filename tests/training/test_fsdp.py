@@ -72,7 +72,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     for i, config in enumerate(CONFIGS):
 
-        def sharded(seed: int):
+        def sharded(seed: int, config: dict = config):
             model = shard_model(
                 _build(config, seed), reshard_after_forward=config["reshard"], cpu_offload=config["cpu_offload"]
             )

@@ -92,7 +92,6 @@ def test_bf16_upcasts_per_chunk_and_keeps_no_fp32_logits():
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-2, atol=1e-3)
 
 
-
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="disagree"):
         chunked_cross_entropy(torch.zeros(2, 3, 4), nn.Linear(4, 5), torch.zeros(2, 4, dtype=torch.long))

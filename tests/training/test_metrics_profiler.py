@@ -109,8 +109,9 @@ def test_kept_host_memory_is_reused_without_page_faults():
     import subprocess
 
     def faults(mode: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_OF_REALLOCATION, mode], check=True,
-                             capture_output=True, text=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _PAGE_FAULTS_OF_REALLOCATION, mode], check=True, capture_output=True, text=True
+        ).stdout.split()
         return out[0], int(out[1])
 
     default_kept, default_faults = faults("default")

@@ -14,7 +14,7 @@ def _padded_batch(lengths: list[int], seq_len: int = 16, prompt: int = 3) -> dic
     labels = tokens.roll(-1, dims=1)
     for row, length in enumerate(lengths):
         tokens[row, length:] = 0
-        labels[row, length - 1:] = -100
+        labels[row, length - 1 :] = -100
         labels[row, :prompt] = -100
     return {"tokens": tokens, "labels": labels}
 

@@ -16,7 +16,6 @@ def demo_path(name: str) -> Path:
     path = DEMO_DIR / name
     if not path.is_file():
         raise UserError(
-            f"demo file {path} does not exist; generate it with "
-            "python -m finetune.data.demo.make_demo_data"
+            f"demo file {path} does not exist; generate it with python -m finetune.data.demo.make_demo_data"
         )
     return path

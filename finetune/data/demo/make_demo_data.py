@@ -26,10 +26,7 @@ Record = dict[str, str]
 SEED = 20240601
 NUM_HELDOUT = 200
 VOCAB_SIZE = 512
-WORDS = (
-    "cat dog sun tree book milk fish bird lamp rain "
-    "star moon door cake ship frog hat pen cup box"
-).split()
+WORDS = ("cat dog sun tree book milk fish bird lamp rain star moon door cake ship frog hat pen cup box").split()
 UNITS = (  # (from, to, factor, instruction)
     ("m", "cm", 100, "Convert meters to centimeters."),
     ("km", "m", 1000, "Convert kilometers to meters."),
@@ -153,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl(args.out / "train.jsonl", train)
     write_jsonl(args.out / "heldout.jsonl", heldout)
     (args.out / "tokenizer.model").write_bytes(train_tokenizer(train))
-    print(f"wrote {len(train)} train and {len(heldout)} held-out records and a "
-          f"{VOCAB_SIZE}-piece tokenizer to {args.out}")
+    print(
+        f"wrote {len(train)} train and {len(heldout)} held-out records and a {VOCAB_SIZE}-piece tokenizer to {args.out}"
+    )
 
 
 if __name__ == "__main__":
