@@ -1,9 +1,12 @@
 """Recipes: one readable file per job, each a class satisfying `Recipe` plus a `main(argv)`."""
 
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 from finetune.config import TuneArgumentParser, recipe_entry_point
 from finetune.training.guards import PREEMPTED_EXIT_STATUS, STOPPED_EXIT_STATUS, Preempted, preempt_on_sigterm
+
+if TYPE_CHECKING:  # for the annotation only: importing it here would load the training stack for every recipe
+    from finetune.training.run import RunContext
 
 
 class Recipe(Protocol):
@@ -18,7 +21,7 @@ class Recipe(Protocol):
     def cleanup(self) -> None: ...
 
 
-def run_recipe(recipe: "RunnableRecipe") -> int:
+def run_recipe(recipe: "TrainingRecipe") -> int:
     """setup, train, cleanup; how the run ended is recorded in the job status.
 
     Ctrl-C ends with exit status 130 (STOPPED_EXIT_STATUS) and SIGTERM, which schedulers send
@@ -31,13 +34,13 @@ def run_recipe(recipe: "RunnableRecipe") -> int:
         recipe.setup()
         recipe.train()
     except KeyboardInterrupt as exc:
-        recipe.fail(exc)
+        _record_end(recipe, exc)
         return STOPPED_EXIT_STATUS
     except Preempted as exc:
-        recipe.fail(exc)
+        _record_end(recipe, exc)
         return PREEMPTED_EXIT_STATUS
     except BaseException as exc:
-        recipe.fail(exc)
+        _record_end(recipe, exc)
         raise
     finally:
         recipe.cleanup()
@@ -45,12 +48,16 @@ def run_recipe(recipe: "RunnableRecipe") -> int:
     return 0
 
 
-class RunnableRecipe(Recipe, Protocol):
-    """A training recipe that can also record in the job status why it ended early."""
+class TrainingRecipe(Recipe, Protocol):
+    """A training recipe: its run (None until setup starts one) is where the job status lives."""
 
-    def fail(self, error: BaseException) -> None:
-        """Record `error`: KeyboardInterrupt as stopped, Preempted as preempted, anything else as failed."""
-        ...
+    run: Optional["RunContext"]
+
+
+def _record_end(recipe: TrainingRecipe, error: BaseException) -> None:
+    """Ctrl-C as stopped, SIGTERM as preempted, anything else as failed (see RunContext.fail)."""
+    if recipe.run is not None:
+        recipe.run.fail(error)
 
 
 def run_once(recipe: Any, work: Callable[[], object]) -> int:

@@ -81,10 +81,6 @@ class FullFinetuneRecipe:
         assert self.loop is not None
         self.loop.save_checkpoint()
 
-    def fail(self, error: BaseException) -> None:
-        if self.run is not None:
-            self.run.fail(error)
-
     def cleanup(self) -> None:
         close_run(self.run)
 

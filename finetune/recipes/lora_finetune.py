@@ -171,10 +171,6 @@ class LoraFinetuneRecipe:
         # Rebuild an unsharded CPU copy around the gathered tensors (assigned, not copied).
         return merged_state_dict(build_on_cpu(self.source.args, full_state, adapt=self._add_adapters))
 
-    def fail(self, error: BaseException) -> None:
-        if self.run is not None:
-            self.run.fail(error)
-
     def cleanup(self) -> None:
         close_run(self.run)
 
