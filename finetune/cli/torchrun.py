@@ -134,7 +134,9 @@ def _check_device_present(flag: str, value: str) -> None:
     """torchrun counts the GPUs (or XPUs) for `gpu` (`xpu`) and raises when there are none."""
     if value not in ("gpu", "xpu"):
         return
-    import torch
+    # torch takes seconds to import (torch.distributed brings it, as torchrun_options did already):
+    # only a launch asking for GPUs by name gets here.
+    import torch.distributed
 
     backend = torch.cuda if value == "gpu" else getattr(torch, "xpu", None)
     if backend is None or not backend.is_available():
