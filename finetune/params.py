@@ -333,6 +333,49 @@ class LoraFinetuneParams(FullFinetuneParams):
 
 
 @dataclass
+class DummyParams(ParamsIO):
+    """The dummy recipe: fake training steps with no model, tokenizer or data, writing what a run
+    writes (params.yaml, metrics.jsonl, status.json, step_<N>/). A fine-tuning config also runs
+    under it: its keys for the model, data and hardware are read and ignored (see ignored_keys)."""
+
+    output_dir: str = param("output/dummy", "where the fake checkpoint, metrics and status.json go")
+    epochs: int = param(1, "passes of fake steps")
+    max_steps_per_epoch: Optional[int] = param(None, "fake optimizer steps per epoch; none = 5 (there is no data)")
+    batch_size: int = param(2, "recorded in the metrics as a real run's would be")
+    lr: float = param(2e-5, "recorded in the metrics as a real run's would be")
+    seed: int = param(42, "random seed")
+    log_every_n_steps: int = param(1, "write metrics every N steps")
+    save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also at the end)")
+    step_time_s: float = param(0.0, "seconds each fake step takes, to watch heartbeats or try a preemption")
+    resume_from_checkpoint: bool = param(False, "continue after the newest step_<N> in output_dir")
+    heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
+    device: Device = param("cpu", "where the fake loss is all-reduced: cpu (gloo) or cuda (nccl)")
+    dtype: Dtype = param("fp32", "kept for start_run; the dummy has no weights")
+
+    def __post_init__(self) -> None:
+        _check_field_types(self)
+        for name in ("epochs", "batch_size", "log_every_n_steps"):
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("max_steps_per_epoch", "save_every_n_steps"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
+        _require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
+        _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
+        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.max_steps_per_epoch or 5
+
+    @classmethod
+    def ignored_keys(cls) -> set[str]:
+        """Keys of the fine-tuning configs the dummy reads and drops, so `tune dummy --config X` tries
+        the pipeline of X's job; any other unknown key (a typo) is still an error."""
+        return (_field_names(FullFinetuneParams) | _field_names(LoraFinetuneParams)) - _field_names(cls)
+
+
+@dataclass
 class GenerateParams(ParamsIO):
     """Generate text from a checkpoint (optionally with a LoRA adapter), one prompt or a file of them."""
 

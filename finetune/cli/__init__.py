@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from finetune.cli.commands import cmd_cp, cmd_ls, cmd_validate, params_class_for
 from finetune.cli.registry import load_recipe_module
-from finetune.cli.torchrun import needs_torchrun, run_with_torchrun, split_launcher_args
+from finetune.cli.torchrun import check_launcher_args, needs_torchrun, run_with_torchrun, split_launcher_args
 
 # Kept importable from here, where recipes and user code found them before the config layer split off.
 from finetune.config import (  # noqa: F401
@@ -31,7 +31,8 @@ USAGE = """usage: tune [torchrun flags] <recipe | path/to/recipe.py> --config X 
        tune cp <recipe|config> DEST  copy a recipe file or config out to edit
        tune validate --config X [k=v ...] [--recipe R]   check and print the resolved params
 
-torchrun flags: --nproc_per_node N, --nnodes N, --node_rank R, --master_addr A, --master_port P, ...
+torchrun flags: --nproc_per_node N|auto|cpu|gpu, --nnodes N|MIN:MAX, --node_rank R, --master_addr A,
+                --master_port P, --rdzv_backend B, --rdzv_endpoint H:P, --max_restarts N, ...
 """
 
 
@@ -47,7 +48,9 @@ def tune_main(argv: Sequence[str]) -> int:
         if not command_argv:
             raise UserError("tune run needs a recipe name: tune run full_finetune --config tiny_full")
         command, *command_argv = command_argv
-    if not launcher:
+    if launcher:
+        check_launcher_args(launcher)  # before any worker starts, or a single process ignores a misspelt one
+    else:
         if command == "ls":
             return cmd_ls()
         if command == "cp":

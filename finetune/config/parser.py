@@ -2,7 +2,8 @@
 
 Precedence is CLI override > config file > dataclass default. It works for any dataclass whose
 fields carry `help` (and optionally `hint`) metadata; a Params class may also offer
-`hint_for_unknown_key(key)` to point at the recipe a stray key belongs to.
+`hint_for_unknown_key(key)` to point at the recipe a stray key belongs to, and `ignored_keys()`:
+keys it accepts and drops (the dummy recipe reads a fine-tuning config that way).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class TuneArgumentParser:
         self.params_cls = params_cls
         self.fields = {f.name: f for f in dataclasses.fields(params_cls)}
         self.types = typing.get_type_hints(params_cls)
+        ignored_keys = getattr(params_cls, "ignored_keys", None)
+        self.ignored: set[str] = set(ignored_keys()) if ignored_keys is not None else set()
         self.parser = argparse.ArgumentParser(
             prog=prog,
             description=description or (params_cls.__doc__ or "").strip(),
@@ -73,10 +76,14 @@ class TuneArgumentParser:
         if args.config:
             path = resolve_config_path(args.config)
             for key, value in read_config(path).items():
+                if key in self.ignored:
+                    continue
                 self._check_key(str(key), f"in {path}")
                 values[key] = self._coerce(key, value, f"in {path}")
         for assignment in [*args.override, *args.assignments]:
             key, value = self._split(assignment)
+            if key in self.ignored:
+                continue
             self._check_key(key, "on the command line")
             values[key] = self._coerce(key, value, "on the command line")
         try:
@@ -100,7 +107,8 @@ class TuneArgumentParser:
             return
         # torchtune nests settings (optimizer.lr, checkpointer.output_dir); ours are flat.
         leaf = key.rsplit(".", 1)[-1]
-        close = [leaf] if leaf in self.fields else difflib.get_close_matches(leaf, list(self.fields), n=1, cutoff=0.5)
+        known = [*self.fields, *sorted(self.ignored)]  # a typo of an ignored key is still a typo
+        close = [leaf] if leaf in self.fields else difflib.get_close_matches(leaf, known, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
         ours, why = FOREIGN_KEYS.get(leaf, ("", ""))
         if ours in self.fields:

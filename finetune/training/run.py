@@ -22,7 +22,7 @@ from finetune.checkpointing.recipe_state import claim_output_dir, seed_everythin
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.config.entry import peer_stopped_on_user_error
 from finetune.models import ModelArgs, TransformerDecoder
-from finetune.params import FullFinetuneParams, resolve_path
+from finetune.params import DummyParams, FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
 from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokenizer_path
 from finetune.training.distributed import (
@@ -45,7 +45,7 @@ from finetune.training.precision import resolve_run_dtype
 class RunContext:
     """Where this process trains and what watches it; made once, first thing in `setup`."""
 
-    params: FullFinetuneParams
+    params: FullFinetuneParams  # or DummyParams: the dummy recipe starts a run the same way
     dist: DistInfo
     device: torch.device
     dtype: torch.dtype
@@ -121,7 +121,7 @@ class RunContext:
             self.lock.release()
 
 
-def start_run(params: FullFinetuneParams) -> RunContext:
+def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
     """Join the process group, pick device and dtype, seed, claim and lock output_dir, start the monitor."""
     params.check()  # a notebook may have changed a field since the params were built
     dist = init_distributed(resolve_device(params.device).type)
@@ -140,7 +140,7 @@ def start_run(params: FullFinetuneParams) -> RunContext:
         if lock is not None:  # no run holds the folder now (a notebook may start the next one)
             lock.release()
         raise
-    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock)
+    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock)  # type: ignore[arg-type]
     run.closers.append(on_launcher_death(monitor.fail))
     if run.rank_zero:
         run.log(str(params))

@@ -107,7 +107,7 @@ def test_errors_from_a_fresh_process_have_no_traceback(config):
 
 def test_help_lists_every_field_with_type_default_and_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["dummy", "--help"])
+        main(["finetune_llm", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for line in (
