@@ -42,6 +42,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import fsspec
 
+try:
+    import fcntl
+except ImportError:  # Windows: concurrent fetches of one URL are not serialised there
+    fcntl = None  # type: ignore[assignment]
+
 from finetune.errors import UserError
 
 Log = Callable[[str], None]
@@ -55,8 +60,13 @@ _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
 # Part sizes multipart uploads commonly use: s3fs (50 MiB), the AWS CLI (8 MiB), the S3 minimum, others.
 _PART_SIZES = tuple(n << 20 for n in (50, 8, 5, 16, 64, 100))
-# Errors that retrying cannot fix: no bucket or key, no permission, bad arguments.
+# Errors that retrying cannot fix: no bucket or key, no permission, bad arguments, no credentials
+# (botocore's NoCredentialsError and kin, told by name so botocore need not be imported here).
 _PERMANENT = (FileNotFoundError, PermissionError, UserError, ValueError, TypeError)
+
+
+def _permanent(exc: BaseException) -> bool:
+    return isinstance(exc, _PERMANENT) or "Credentials" in type(exc).__name__
 
 
 @dataclass
@@ -212,6 +222,18 @@ def fetch(url: str, cache_dir: Path | str, log: Log, storage_options: Optional[M
     except Exception as exc:
         raise UserError(f"cannot fetch {url} ({_one_line(exc)}); check the URL, credentials and endpoint") from exc
 
+    # Ranks of one job (or two jobs) fetching the same URL at once take turns: the second finds the copy.
+    lock_dir = Path(cache_dir) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / (hashlib.sha1(url.encode()).hexdigest() + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(fs, url, root, target, record_path, remote, log)
+
+
+def _fetch_locked(
+    fs: Any, url: str, root: str, target: Path, record_path: Path, remote: dict[str, Mapping[str, Any]], log: Log
+) -> Path:
     old = _read_json(record_path) or {}
     old_files = old.get("files", {}) if old.get("url") == url else {}
     stamps = {rel: _remote_stamp(i) for rel, i in remote.items()}
@@ -293,10 +315,8 @@ def _with_retries(action: Callable[[], None], retries: int, backoff_s: float, lo
         try:
             action()
             return
-        except _PERMANENT:
-            raise
         except Exception as exc:
-            if attempt == retries:
+            if attempt == retries or _permanent(exc):
                 raise
             wait = backoff_s * 2**attempt
             log(f"{what} failed ({_one_line(exc)}); retrying in {wait:g} s")

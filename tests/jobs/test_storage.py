@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -329,3 +330,33 @@ def test_local_weights_are_deleted_only_after_a_verified_upload(tmp_path, s3_opt
         "step_1/config.json",
         "step_2/adapter/adapter_config.json",
     ]
+
+
+def test_missing_credentials_fail_at_once_in_one_line(tmp_path, s3_endpoint, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    options = {**s3_storage_options(s3_endpoint), "skip_instance_cache": True}
+    local = make_checkpoint_folder(tmp_path / "run")
+    before = tree_bytes(local)
+    log = Log()
+    with pytest.raises(UserError) as info:
+        upload(local, "s3://somewhere/run", log, storage_options=options, backoff_s=0.01)
+    message = str(info.value)
+    assert "credentials" in message.lower() and message.endswith(f"the results are kept in {local}")
+    assert not any("retrying" in line for line in log)  # retrying cannot fix it
+    assert tree_bytes(local) == before
+
+
+def test_concurrent_fetches_of_one_url_download_once(tmp_path, s3_options, bucket, monkeypatch):
+    local = make_checkpoint_folder(tmp_path / "ckpt")
+    url = f"s3://{bucket}/ckpt"
+    upload(local, url, Log(), storage_options=s3_options)
+    gets = count_calls(monkeypatch, fsspec.filesystem("s3", **s3_options), "get_file")
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: fetch(url, tmp_path / "cache", Log(), storage_options=s3_options), range(3)))
+    assert len(set(paths)) == 1
+    assert tree_bytes(paths[0]) == tree_bytes(local)
+    assert len(gets) == len(tree_bytes(local))  # one of them downloaded; the others found the copy
