@@ -6,10 +6,10 @@ A job's `dataset_id`, `checkpoint_dir` and `results_url` may be local paths or `
 `AWS_*` variables, `~/.aws`, `AWS_ENDPOINT_URL`) or from `storage_options`, passed to fsspec as is.
 
 - `fetch(url, cache_dir, log)` copies a remote file or folder to `cache_dir/<scheme>/<bucket/path>`
-  once. Each file is downloaded into a hidden temp name and renamed when whole, and a record of
-  what was fetched (each file's size and the remote's ETag / checksum / modification time) is
-  written beside the copy last, so a download killed midway is never taken for complete. A later
-  fetch reuses the files whose remote record is unchanged and whose cached size still matches.
+  once. Each file is downloaded into a hidden temp name and renamed when whole; a record beside the
+  copy lists the whole files (size and the remote's ETag / checksum / modification time) and is
+  marked complete only at the end, so a download killed midway is never taken for complete, and
+  the next fetch downloads only what is missing, changed or cut short.
 - `upload(local_dir, url, log)` puts every file under `local_dir` at `url/<relative path>`, with
   bounded retries and backoff, verifies each one (below), then writes `_manifest.json` (path,
   size, sha256, md5 of every file) at the URL last, and a copy in `local_dir`. A re-run skips the
@@ -54,7 +54,9 @@ Log = Callable[[str], None]
 MANIFEST_NAME = "_manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 BACKOFF_S = 1.0
+_RECORD_EVERY_S = 10.0
 _CHUNK = 1 << 20
+_CLOUD_SCHEMES = ("s3", "s3a", "gs", "gcs")  # the backends the `cloud` extra installs
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _MULTIPART_ETAG = re.compile(r"^([0-9a-f]{32})-(\d+)$")
@@ -102,10 +104,9 @@ def _filesystem(url: str, storage_options: Optional[Mapping[str, Any]]) -> tuple
     try:
         fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except ImportError as exc:
-        raise UserError(
-            f"{_scheme(url)}:// URLs need a package that is not installed ({_one_line(exc)}); "
-            'install it with: pip install "finetune[cloud]"'
-        ) from exc
+        scheme = _scheme(url)
+        fix = 'pip install "finetune[cloud]"' if scheme in _CLOUD_SCHEMES else "install the package it names"
+        raise UserError(f"{scheme}:// URLs need a package that is not installed ({_one_line(exc)}); {fix}") from exc
     fs.invalidate_cache()  # listings cached by an earlier call may be stale
     return fs, path.rstrip("/") or path
 
@@ -246,7 +247,7 @@ def _fetch_locked(
         return old_files.get(rel) == stamps[rel] and local.is_file() and local.stat().st_size == stamps[rel]["size"]
 
     todo = [rel for rel in sorted(remote) if not intact(rel)]
-    if not todo and record_path.exists():
+    if not todo and old.get("complete"):
         log(f"using the cached copy of {url} in {target}")
         return target
     if remote and "" not in remote:
@@ -257,10 +258,23 @@ def _fetch_locked(
             if path.is_file() and path not in keep:
                 path.unlink()
     log(f"fetching {len(todo)} file(s) of {url} into {target}")
-    record_path.unlink(missing_ok=True)  # not complete until rewritten below
-    for rel in todo:
-        _download(fs, _join(root, rel), cached(rel), remote[rel], url)
-    _write_json_atomic(record_path, {"url": url, "files": stamps})
+    # The record lists only files that are whole, and says `complete` only at the end. It is rewritten
+    # every few seconds and when the fetch stops early, so an interrupted fetch resumes where it stood.
+    done = {rel: stamps[rel] for rel in remote if rel not in todo}
+    complete = False
+    written_at = time.monotonic()
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
+        for rel in todo:
+            _download(fs, _join(root, rel), cached(rel), remote[rel], url)
+            done[rel] = stamps[rel]
+            if time.monotonic() - written_at > _RECORD_EVERY_S:
+                _write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
+                written_at = time.monotonic()
+        complete = True
+    finally:
+        _write_json_atomic(record_path, {"url": url, "files": done, "complete": complete})
     return target
 
 

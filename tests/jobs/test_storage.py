@@ -7,6 +7,7 @@ code gets from fsspec; the requests still go to the server.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -199,15 +200,19 @@ def test_a_killed_download_is_never_taken_for_complete(tmp_path, s3_options, buc
     with pytest.raises(KeyboardInterrupt):
         fetch(url, tmp_path / "cache", Log(), storage_options=s3_options)
     target = tmp_path / "cache" / "s3" / bucket / "ckpt"
-    assert not target.with_name("ckpt.fetched.json").exists()  # written only when every file is whole
+    record = json.loads(target.with_name("ckpt.fetched.json").read_text())
+    assert not record["complete"] and sorted(record["files"]) == ["_manifest.json", "metrics.jsonl", "status.json"]
     # What a SIGKILL could leave: a temp file, and (from any other writer) a cut-short file at a final name.
     (target / "step_1" / ".model.safetensors.part-999").write_bytes(b"half")
     (target / "step_2" / "adapter").mkdir(parents=True, exist_ok=True)
     (target / "step_2" / "adapter" / "adapter_model.safetensors").write_bytes(b"half")
 
     monkeypatch.setattr(fs, "get_file", real_get)
+    gets = count_calls(monkeypatch, fs, "get_file")
     copy = fetch(url, tmp_path / "cache", Log(), storage_options=s3_options)
     assert tree_bytes(copy) == tree_bytes(local)
+    assert len(gets) == len(tree_bytes(local)) - 3  # the three whole files were kept
+    assert json.loads(target.with_name("ckpt.fetched.json").read_text())["complete"]
 
 
 def test_a_changed_remote_file_is_fetched_again(tmp_path, memory_root):
@@ -360,3 +365,10 @@ def test_concurrent_fetches_of_one_url_download_once(tmp_path, s3_options, bucke
     assert len(set(paths)) == 1
     assert tree_bytes(paths[0]) == tree_bytes(local)
     assert len(gets) == len(tree_bytes(local))  # one of them downloaded; the others found the copy
+
+
+def test_a_url_whose_backend_is_not_installed_is_one_line(tmp_path):
+    if importlib.util.find_spec("dropboxdrivefs") is not None:
+        pytest.skip("dropboxdrivefs is installed here")
+    with pytest.raises(UserError, match=r"^dropbox:// URLs need a package that is not installed \(.*\); install"):
+        upload(make_checkpoint_folder(tmp_path / "run"), "dropbox://results/run", Log())
