@@ -114,10 +114,6 @@ class DummyRecipe:
         run.monitor.checkpoint_saved(step_dir)
         print(f"dummy: wrote {step_dir}", flush=True)
 
-    def fail(self, error: BaseException) -> None:
-        if self.run is not None:
-            self.run.fail(error)
-
     def cleanup(self) -> None:
         close_run(self.run)
 
