@@ -151,7 +151,7 @@ class RedisSink(Sink):
         self.client.close()
 
 
-def build_sinks(
+def sinks_for(
     webhook: Optional[str] = None, redis_url: Optional[str] = None, redis_channel: str = "finetune.events"
 ) -> list[Sink]:
     """The sinks a run's params ask for (events_webhook, events_redis_url, events_redis_channel)."""

@@ -22,7 +22,7 @@ from finetune.checkpointing.output_lock import OutputDirLock
 from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.config.entry import peer_stopped_on_user_error
-from finetune.jobs.events import EventLog, build_sinks
+from finetune.jobs.events import EventLog, Sink, sinks_for
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.params import DummyParams, FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
@@ -139,13 +139,17 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
     dtype = resolve_run_dtype(params.dtype, device)
     seed_everything(params.seed, dist.rank)
     output_dir = Path(params.output_dir)
+    # The event sinks first: a missing optional client fails before the folder is claimed.
+    sinks = run_on_rank_zero(lambda: build_sinks(params), default=[])
     # Rank 0 claims the folder for the whole run before anything writes there (the monitor's
     # status.json first); a refusal stops every rank with the same line.
     lock = run_on_rank_zero(lambda: claim_output_dir(output_dir, resume=params.resume_from_checkpoint), default=None)
     try:
         monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
-        events = start_events(params, output_dir, dist.rank)
+        events = start_events(params, output_dir, dist.rank, sinks)
     except BaseException:
+        for sink in sinks:
+            sink.close(timeout_s=0)
         if lock is not None:  # no run holds the folder now (a notebook may start the next one)
             lock.release()
         raise
@@ -156,15 +160,16 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
     return run
 
 
-def start_events(params: FullFinetuneParams | DummyParams, output_dir: Path, rank: int) -> EventLog:
-    """The run's event log with the sinks its params ask for, begun with job_start, system and config."""
-    sinks = (
-        build_sinks(params.events_webhook, params.events_redis_url, params.events_redis_channel) if rank == 0 else []
-    )
+def build_sinks(params: FullFinetuneParams | DummyParams) -> list[Sink]:
+    """The event sinks the params ask for: events_webhook, events_redis_url and events_redis_channel."""
+    return sinks_for(params.events_webhook, params.events_redis_url, params.events_redis_channel)
+
+
+def start_events(params: FullFinetuneParams | DummyParams, output_dir: Path, rank: int, sinks: list[Sink]) -> EventLog:
+    """The run's event log handing its records to `sinks`, begun with job_start, system and config."""
     events = EventLog(output_dir, rank=rank, sinks=sinks)
-    recipe = re.sub(
-        r"(?<!^)(?=[A-Z])", "_", type(params).__name__.removesuffix("Params")
-    ).lower()  # LoraFinetune -> lora_finetune
+    # FullFinetuneParams -> full_finetune, LoraFinetuneParams -> lora_finetune, DummyParams -> dummy
+    recipe = re.sub(r"(?<!^)(?=[A-Z])", "_", type(params).__name__.removesuffix("Params")).lower()
     events.job_start(recipe)
     events.system()
     events.config(params.to_dict())
