@@ -21,6 +21,7 @@ import yaml
 
 from finetune.cli import main
 from finetune.jobs.events import EventLog, WebhookSink
+from finetune.recipes.dummy import DummyRecipe
 from finetune.training import run
 from finetune.training.loop import TrainingLoop
 from tests.jobs.helpers import free_port
@@ -261,3 +262,19 @@ def test_a_missing_redis_client_is_one_error_line(tmp_path, monkeypatch, capsys)
     code = main(["dummy", f"output_dir={tmp_path / 'd'}", "events_redis_url=redis://127.0.0.1:1/0"])
     assert code == 2
     assert "pip install 'finetune[events]'" in capsys.readouterr().err
+
+
+def test_a_stopped_run_ends_with_job_end_stopped_and_no_error(tmp_path, monkeypatch):
+    original = DummyRecipe._fake_step
+
+    def interrupted(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(DummyRecipe, "_fake_step", interrupted)
+    out = tmp_path / "dummy"
+    assert main(["dummy", f"output_dir={out}", "max_steps_per_epoch=3"]) == 130
+    records = read_events(out)
+    assert "error" not in kinds(records)
+    assert kinds(records)[-1] == "job_end" and records[-1]["state"] == "stopped"
