@@ -239,6 +239,13 @@ class FullFinetuneParams(ParamsIO):
     profile_wait_steps: int = param(1, "profiler: steps to skip first")
     profile_active_steps: int = param(2, "profiler: steps to record")
     heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
+    events_webhook: Optional[str] = param(
+        None, "POST each events.jsonl record as JSON to this URL (never blocks training)"
+    )
+    events_redis_url: Optional[str] = param(
+        None, "publish each events.jsonl record to this Redis (redis://host:port/db)"
+    )
+    events_redis_channel: str = param("finetune.events", "the Redis pub/sub channel for events_redis_url")
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -349,6 +356,13 @@ class DummyParams(ParamsIO):
     step_time_s: float = param(0.0, "seconds each fake step takes, to watch heartbeats or try a preemption")
     resume_from_checkpoint: bool = param(False, "continue after the newest step_<N> in output_dir")
     heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
+    events_webhook: Optional[str] = param(
+        None, "POST each events.jsonl record as JSON to this URL (never blocks training)"
+    )
+    events_redis_url: Optional[str] = param(
+        None, "publish each events.jsonl record to this Redis (redis://host:port/db)"
+    )
+    events_redis_channel: str = param("finetune.events", "the Redis pub/sub channel for events_redis_url")
     device: Device = param("cpu", "where the fake loss is all-reduced: cpu (gloo) or cuda (nccl)")
     dtype: Dtype = param("fp32", "kept for start_run; the dummy has no weights")
 

@@ -67,8 +67,12 @@ class DummyRecipe:
                 loss = self._fake_step(self.step)
                 epoch = (self.step - 1) // p.steps_per_epoch
                 run.monitor.update(step=self.step, epoch=epoch, loss=loss)
+                run.events.add_loss(loss)
                 if self.step % p.log_every_n_steps == 0:
                     self._log_metrics(loss, epoch)
+                    run.events.step(step=self.step, epoch=epoch, loss=loss, lr=p.lr)
+                if self.step % p.steps_per_epoch == 0:
+                    run.events.epoch(epoch, steps=p.steps_per_epoch)
                 signum = stop.agreed()
                 if signum is not None:
                     self.save_checkpoint()
@@ -112,6 +116,7 @@ class DummyRecipe:
             save_file({"weight": torch.zeros(2, 2)}, str(tmp / "model.safetensors"))
             self.params.to_yaml(tmp / "params.yaml")
         run.monitor.checkpoint_saved(step_dir)
+        run.events.checkpoint(self.step, step_dir)
         print(f"dummy: wrote {step_dir}", flush=True)
 
     def cleanup(self) -> None:

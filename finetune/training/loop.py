@@ -153,6 +153,7 @@ class TrainingLoop:
         try:
             while self.epoch < self.params.epochs:
                 self._train_epoch(progress, profiler, stop)
+                self.run.events.epoch(self.epoch, steps=self.steps_done_in_epoch)
                 self.steps_done_in_epoch = 0
                 self.epoch += 1
                 if self.last_saved_step != self.global_step:
@@ -179,9 +180,11 @@ class TrainingLoop:
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}")
             self.run.monitor.update(step=self.global_step, epoch=self.epoch, loss=metrics["loss"])
+            self.run.events.add_loss(metrics["loss"])
             if self.global_step % p.log_every_n_steps == 0:
                 metrics["peak_memory_gb"] = peak_memory_gb(self.run.device)
                 self._log_metrics(metrics)
+                self.run.events.step(step=self.global_step, epoch=self.epoch, **metrics)
             if self.eval_loader is not None and p.eval_every_n_steps and self.global_step % p.eval_every_n_steps == 0:
                 self._log_metrics({"eval_loss": self.evaluate()})
             if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
@@ -265,6 +268,7 @@ class TrainingLoop:
             if self.params.keep_last_n_checkpoints:
                 prune_checkpoints(run.output_dir, self.params.keep_last_n_checkpoints)
             run.monitor.checkpoint_saved(step_dir)
+            run.events.checkpoint(self.global_step, step_dir)
             run.log(f"saved {step_dir}")
         barrier()
         self.last_saved_step = self.global_step

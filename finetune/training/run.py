@@ -8,6 +8,7 @@ which weights to start from) stays in the recipe and is handed in.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from finetune.checkpointing.output_lock import OutputDirLock
 from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.config.entry import peer_stopped_on_user_error
+from finetune.jobs.events import EventLog, Sink, sinks_for
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.params import DummyParams, FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
@@ -52,6 +54,7 @@ class RunContext:
     output_dir: Path
     monitor: JobMonitor
     lock: Optional[OutputDirLock] = None  # rank 0's hold on output_dir; None on the other ranks
+    events: EventLog = field(default_factory=EventLog.disabled)  # output_dir/events.jsonl and its sinks
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -107,16 +110,21 @@ class RunContext:
             self.monitor.stopped("stopped")
         elif isinstance(error, Preempted) and self.dist.is_distributed and peer_stopped_on_user_error():
             # torchrun stops the other workers with SIGTERM when one stops on an input error.
-            self.monitor.fail("another process stopped on an input error; its error: line says what to fix")
+            message = "another process stopped on an input error; its error: line says what to fix"
+            self.monitor.fail(message)
+            self.events.error(message)
         elif isinstance(error, Preempted):
             self.monitor.stopped("preempted")
         else:
             self.monitor.fail(str(error) or type(error).__name__)
+            self.events.error(error)
 
     def close(self) -> None:
         for close in self.closers:
             close()
         self.monitor.close()
+        self.events.job_end(self.monitor.status.get("state", "failed"))
+        self.events.close()
         if self.lock is not None:  # last: the monitor's final write is still this run's
             self.lock.release()
 
@@ -131,20 +139,41 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
     dtype = resolve_run_dtype(params.dtype, device)
     seed_everything(params.seed, dist.rank)
     output_dir = Path(params.output_dir)
+    # The event sinks first: a missing optional client fails before the folder is claimed.
+    sinks = run_on_rank_zero(lambda: build_sinks(params), default=[])
     # Rank 0 claims the folder for the whole run before anything writes there (the monitor's
     # status.json first); a refusal stops every rank with the same line.
     lock = run_on_rank_zero(lambda: claim_output_dir(output_dir, resume=params.resume_from_checkpoint), default=None)
     try:
         monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
+        events = start_events(params, output_dir, dist.rank, sinks)
     except BaseException:
+        for sink in sinks:
+            sink.close(timeout_s=0)
         if lock is not None:  # no run holds the folder now (a notebook may start the next one)
             lock.release()
         raise
-    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock)  # type: ignore[arg-type]
+    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock, events=events)  # type: ignore[arg-type]
     run.closers.append(on_launcher_death(monitor.fail))
     if run.rank_zero:
         run.log(str(params))
     return run
+
+
+def build_sinks(params: FullFinetuneParams | DummyParams) -> list[Sink]:
+    """The event sinks the params ask for: events_webhook, events_redis_url and events_redis_channel."""
+    return sinks_for(params.events_webhook, params.events_redis_url, params.events_redis_channel)
+
+
+def start_events(params: FullFinetuneParams | DummyParams, output_dir: Path, rank: int, sinks: list[Sink]) -> EventLog:
+    """The run's event log handing its records to `sinks`, begun with job_start, system and config."""
+    events = EventLog(output_dir, rank=rank, sinks=sinks)
+    # FullFinetuneParams -> full_finetune, LoraFinetuneParams -> lora_finetune, DummyParams -> dummy
+    recipe = re.sub(r"(?<!^)(?=[A-Z])", "_", type(params).__name__.removesuffix("Params")).lower()
+    events.job_start(recipe)
+    events.system()
+    events.config(params.to_dict())
+    return events
 
 
 def close_run(run: Optional[RunContext]) -> None:

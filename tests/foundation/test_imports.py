@@ -24,6 +24,7 @@ DEFERRABLE = (
     "torchao",
     "torch.utils.tensorboard",
     "wandb",
+    "redis",
     "torch.distributed",
 )
 
