@@ -1,5 +1,5 @@
-"""`tune` subcommands: `ls` (recipes and their configs), `cp` (copy one out to edit) and
-`validate` (check a config and print the params it resolves to)."""
+"""`tune` subcommands: `ls` (recipes and their configs), `cp` (copy one out to edit),
+`validate` (check a config and print the params it resolves to) and `job` (a production job)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from finetune.cli.registry import available_recipes, config_recipes, configs_for, find_recipe, load_recipe_module
-from finetune.cli.torchrun import launcher_flag
+from finetune.cli.torchrun import launcher_flag, run_with_torchrun
 from finetune.config import CONFIG_DIR, TuneArgumentParser, read_config, resolve_config_path
 from finetune.errors import UserError
+from finetune.jobs.job import (
+    choose_recipe,
+    finish_job,
+    job_environment,
+    job_parser,
+    local_dataset,
+    parse_job_args,
+    recipe_argv,
+    resolve_job_config,
+)
 
 
 def cmd_ls() -> int:
@@ -98,3 +108,22 @@ def params_class_for(recipe: str) -> Optional[type]:
     if recipe.endswith(".py"):
         return getattr(load_recipe_module(recipe), "PARAMS_CLASS", None)
     return find_recipe(recipe).params_class()
+
+
+def cmd_job(argv: Sequence[str]) -> int:
+    """`tune job`: the pipeline's job flags -> a recipe run (here, or torchrun for --num_gpus > 1),
+    then the upload of its results (finetune/jobs/job.py)."""
+    if {"-h", "--help"} & set(argv):
+        job_parser().print_help()
+        return 0
+    spec = parse_job_args(argv)
+    config = resolve_job_config(spec)
+    recipe = choose_recipe(spec, config_recipes(config) if config is not None else ())
+    output_dir = spec.output_dir()
+    recipe_args = recipe_argv(spec, recipe, config, local_dataset(spec.dataset_id, print), output_dir)
+    with job_environment(spec.job_id):
+        if spec.num_gpus > 1:
+            code = run_with_torchrun(["--nproc_per_node", str(spec.num_gpus)], recipe, recipe_args)
+        else:
+            code = load_recipe_module(recipe).main(recipe_args) or 0
+    return finish_job(spec, code, output_dir)

@@ -267,6 +267,42 @@ class EventLog:
             sink.close(max(deadline - time.monotonic(), 0.05))
 
 
+def reopen(output_dir: Path | str) -> EventLog:
+    """The event log of a run that has ended, to append a record (the upload after training).
+
+    Its records' elapsed_s count from the run's job_start, and go to the sinks the run's config
+    record named (events_webhook, events_redis_url); close it after, as a run does.
+    """
+    path = Path(output_dir) / EVENTS_FILE
+    first: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                first = first or record
+                if record.get("kind") == "config":
+                    params = record.get("params") or {}
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        sinks = sinks_for(
+            params.get("events_webhook"),
+            params.get("events_redis_url"),
+            params.get("events_redis_channel") or "finetune.events",
+        )
+    except UserError as exc:
+        log.warning("events: %s", exc)
+        sinks = []
+    event_log = EventLog(output_dir, sinks=sinks)
+    if first.get("time"):
+        started = datetime.fromisoformat(first["time"])
+        since = (datetime.now(timezone.utc) - started).total_seconds() - float(first.get("elapsed_s") or 0)
+        event_log._started = time.monotonic() - max(since, 0.0)
+    return event_log
+
+
 def system_specs() -> dict[str, Any]:
     """CPU, memory, GPUs and the versions of the libraries a run depends on."""
     return {

@@ -1,0 +1,233 @@
+"""`tune job`: the pipeline's flags turned into a recipe and its overrides, bad flags as one line
+and exit 2, and whole jobs in process: a tiny LoRA run and the dummy uploaded to a local S3
+server (moto), the weights deleted after a verified upload, a dataset fetched from s3://."""
+
+import json
+import re
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from finetune.cli.registry import config_recipes
+from finetune.config.files import CONFIG_DIR
+from finetune.jobs import job
+from finetune.jobs.job import JobSpec, choose_recipe, parse_job_args, recipe_argv, resolve_job_config
+from tests.cli_helpers import error_line, run
+from tests.jobs.helpers import tree_bytes
+
+DEMO = "pkg:data/demo/train.jsonl"
+FAST = [
+    "--override",
+    "max_steps_per_epoch=2",
+    "eval_dataset=none",
+    "eval_every_n_steps=none",
+    "max_seq_len=32",
+    "device=cpu",
+]
+
+
+def plan(*argv: str) -> tuple[str, list[str]]:
+    spec = parse_job_args(["--job_id", "j1", "--user_id", "u1", *argv])
+    config = resolve_job_config(spec)
+    recipe = choose_recipe(spec, config_recipes(config) if config else ())
+    return recipe, recipe_argv(spec, recipe, config, spec.dataset_id, Path("/jobs/u1/j1"))
+
+
+# Flags -> recipe and overrides ---------------------------------------------------------------------
+
+
+def test_the_pipeline_command_line_maps_to_lora_finetune_with_its_overrides():
+    recipe, argv = plan(
+        *["--job_config_name", "llm_llama3_1_8b", "--dataset_id", "/data/train.jsonl", "--batch_size", "2"],
+        *["--num_epochs", "1", "--use_lora", "true", "--num_gpus", "1", "--lr=3e-4", "--seed", "7", "--shuffle", "no"],
+    )
+    assert recipe == "lora_finetune"
+    assert argv == [
+        *["--config", str(CONFIG_DIR / "llama3_1_8b_lora.yaml"), "output_dir=/jobs/u1/j1"],
+        *["dataset=/data/train.jsonl", "batch_size=2", "epochs=1", "lr=0.0003", "seed=7", "shuffle=false"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags,recipe,config,extra",
+    [
+        (["--job_config_name", "llm_llama3_1_8b"], "full_finetune", "llama3_1_8b_full", []),
+        (
+            ["--job_config_name", "llm_llama3_1_8b", "--use_qlora"],
+            "lora_finetune",
+            "llama3_1_8b_qlora",
+            ["quantize_base=true"],
+        ),
+        (["--job_config_name", "tiny_lora"], "lora_finetune", "tiny_lora", []),  # the config's recipe line
+        (["--job_config_name=tiny_full", "--use_lora", "0"], "full_finetune", "tiny_full", []),
+        (["--job_config_name", "tiny_full", "--num_gpus", "0"], "full_finetune", "tiny_full", ["device=cpu"]),
+    ],
+)
+def test_config_names_and_lora_flags_pick_the_recipe(flags, recipe, config, extra):
+    got_recipe, argv = plan(*flags)
+    assert got_recipe == recipe
+    assert argv == ["--config", str(CONFIG_DIR / f"{config}.yaml"), "output_dir=/jobs/u1/j1", *extra]
+
+
+def test_a_yaml_path_the_dummy_and_overrides_pass_through(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: tiny\n")
+    recipe, argv = plan("--job_config_name", str(path), "--override", "lr=1e-3", "log_every_n_steps=2")
+    assert recipe == "full_finetune" and argv == [
+        "--config",
+        str(path),
+        "output_dir=/jobs/u1/j1",
+        "lr=1e-3",
+        "log_every_n_steps=2",
+    ]
+    recipe, argv = plan("--job_config_name", "dummy", "--dataset_id", "/d", "--batch_size", "3", "--shuffle", "yes")
+    assert recipe == "dummy" and argv == ["output_dir=/jobs/u1/j1", "batch_size=3"]
+
+
+def test_ids_are_generated_when_absent(monkeypatch):
+    monkeypatch.setenv("USER", "alice")
+    first, second = (parse_job_args(["--job_config_name", "tiny_full"]) for _ in range(2))
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first.job_id) and first.job_id != second.job_id
+    assert first.user_id == "alice"
+    monkeypatch.delenv("USER")
+    assert parse_job_args(["--job_config_name", "tiny_full"]).user_id == "anonymous"
+
+
+def test_output_dir_and_results_location(monkeypatch, tmp_path):
+    spec = JobSpec("tiny_full", job_id="j", user_id="u", results_url="s3://b/results/")
+    monkeypatch.setenv("FINETUNE_JOBS_DIR", str(tmp_path))
+    assert spec.output_dir() == tmp_path / "u" / "j"
+    monkeypatch.delenv("FINETUNE_JOBS_DIR")
+    assert spec.output_dir() == Path("jobs/u/j")
+    assert spec.results_location() == "s3://b/results/u/j"
+
+
+BAD_FLAGS = [
+    (["--job_config_name", "tiny_full", "--batch_sise", "2"], "unknown flag --batch_sise; did you mean --batch_size?"),
+    (["--job_config_name", "tiny_full", "--use_lora", "maybe"], "--use_lora: expected true/false/yes/no/1/0"),
+    (["--job_config_name", "tiny_full", "--num_gpus", "two"], "--num_gpus: expected an integer, got 'two'"),
+    (["--job_config_name", "tiny_full", "--batch_size=0"], "--batch_size: must be at least 1"),
+    (["--job_config_name", "tiny_full", "--override", "lr"], "'lr' is not KEY=VALUE"),
+    (["--job_config_name", "tiny_full", "stray"], "unrecognized arguments: stray"),
+    (["--dataset_id", "x"], "required: --job_config_name"),
+    (["--job_config_name", "llm_mistral_7b"], "no config mistral_7b_full"),
+    (["--job_config_name", "tiny_ful"], "did you mean 'tiny_full'?"),
+    (["--job_config_name", "tiny_lora", "--use_lora", "false"], "is a lora_finetune config"),
+    (["--job_config_name", "tiny_full", "--job_id", "a/b"], "--job_id 'a/b' must be a non-empty name"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_FLAGS)
+def test_bad_flags_are_one_line_and_exit_2(capsys, argv, expected):
+    code, out, err = run(capsys, "job", *argv)
+    assert code == 2 and not out
+    assert expected in error_line(err) and len(err.strip().splitlines()) == 1
+
+
+# Whole jobs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jobs_env(monkeypatch, tmp_path, s3_endpoint, aws_env):
+    """Jobs under tmp_path, the input cache there too, and s3:// reaching the local server."""
+    monkeypatch.setenv("FINETUNE_JOBS_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("FINETUNE_JOB_ID", raising=False)
+    return tmp_path / "jobs"
+
+
+def remote_tree(s3_options: dict, url: str) -> dict[str, bytes]:
+    fs = fsspec.filesystem("s3", **s3_options)
+    root = url.removeprefix("s3://")
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def read_events(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "events.jsonl").read_text().splitlines()]
+
+
+def assert_uploaded(s3_options: dict, output_dir: Path, url: str) -> None:
+    local = tree_bytes(output_dir)
+    remote = remote_tree(s3_options, url)
+    assert remote.keys() == local.keys()
+    assert {k: v for k, v in remote.items() if k != "_manifest.json"} == {
+        k: v for k, v in local.items() if k != "_manifest.json"
+    }
+    records = read_events(output_dir)
+    assert records[0]["kind"] == "job_start" and records[0]["job_id"] == output_dir.name
+    assert [r["kind"] for r in records[-2:]] == ["job_end", "upload"] and records[-2]["state"] == "done"
+    assert records[-1]["url"] == url and records[-1]["bytes"] > 0 and "metrics.jsonl" in records[-1]["files"]
+    assert records[-1]["elapsed_s"] >= records[-2]["elapsed_s"]
+
+
+def test_a_tiny_lora_job_trains_uploads_and_deletes_its_weights(capsys, jobs_env, s3_options, bucket):
+    results = f"s3://{bucket}/results"
+    code, out, err = run(
+        capsys,
+        *["job", "--job_config_name", "tiny_lora", "--dataset_id", DEMO, "--batch_size", "4", "--num_epochs", "1"],
+        *["--job_id", "lora1", "--user_id", "bob", "--results_url", results, "--delete_weights_after_upload", "true"],
+        *FAST,
+    )
+    output_dir = jobs_env / "bob" / "lora1"
+    url = f"{results}/bob/lora1"
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == f"job lora1: done; results in {output_dir} and {url}"
+    weights = [p for p in output_dir.glob("step_*/**/*") if p.suffix in (".safetensors", ".pt")]
+    assert not weights  # deleted locally ...
+    remote = remote_tree(s3_options, url)
+    assert any(k.endswith("adapter_model.safetensors") for k in remote)  # ... kept remotely
+    records = read_events(output_dir)
+    assert [r["kind"] for r in records[-2:]] == ["job_end", "upload"] and records[-1]["url"] == url
+    assert records[0]["job_id"] == "lora1"
+    assert json.loads((output_dir / "status.json").read_text())["state"] == "done"
+
+
+def test_the_dummy_job_uploads_byte_for_byte(capsys, jobs_env, s3_options, bucket):
+    results = f"s3://{bucket}/out"
+    code, out, err = run(
+        capsys, "job", "--job_config_name", "dummy", "--job_id", "d1", "--user_id", "u", "--results_url", results
+    )
+    assert code == 0, err
+    output_dir = jobs_env / "u" / "d1"
+    assert_uploaded(s3_options, output_dir, f"{results}/u/d1")
+    assert list(output_dir.glob("step_*/*.safetensors"))  # kept without --delete_weights_after_upload
+
+
+def test_a_dataset_url_is_fetched_and_trained_on(capsys, jobs_env, s3_options, bucket, tmp_path):
+    fs = fsspec.filesystem("s3", **s3_options)
+    lines = [json.dumps({"instruction": f"add {i} and 1", "output": str(i + 1)}) for i in range(40)]
+    fs.pipe_file(f"{bucket}/data/train.jsonl", ("\n".join(lines) + "\n").encode())
+    code, out, err = run(
+        capsys,
+        *["job", "--job_config_name", "tiny_full", "--dataset_id", f"s3://{bucket}/data/train.jsonl"],
+        *["--job_id", "f1", "--user_id", "u", "--batch_size", "4"],
+        *FAST,
+    )
+    assert code == 0, err
+    cached = tmp_path / "cache" / "s3" / bucket / "data" / "train.jsonl"
+    assert cached.read_bytes() == fs.cat_file(f"{bucket}/data/train.jsonl")
+    params = next(r for r in read_events(jobs_env / "u" / "f1") if r["kind"] == "config")["params"]
+    assert params["dataset"] == str(cached)
+    assert out.strip().splitlines()[-1] == f"job f1: done; results in {jobs_env / 'u' / 'f1'}"
+
+
+def test_a_failed_upload_keeps_the_results_and_exits_3(capsys, jobs_env, s3_options):
+    code, out, err = run(
+        capsys,
+        "job",
+        "--job_config_name",
+        "dummy",
+        "--job_id",
+        "x",
+        "--user_id",
+        "u",
+        "--results_url",
+        "s3://no-such-bucket-here",
+    )
+    assert code == job.EXIT_NOT_UPLOADED == 3
+    assert "upload of" in error_line(err) and "the results are kept in" in error_line(err)
+    output_dir = jobs_env / "u" / "x"
+    assert out.strip().splitlines()[-1] == f"job x: done, not uploaded; results in {output_dir}"
+    assert list(output_dir.glob("step_*/*.safetensors"))
