@@ -10,7 +10,7 @@ the fields of its kind:
 - `step`: rank, step, epoch, loss, lr, tokens_per_second, grad_norm (the values of metrics.jsonl)
 - `epoch`: epoch, steps, mean_loss (over the steps this process trained in that epoch)
 - `checkpoint`: step, path, files ({relative path: bytes})
-- `upload`: url, files, bytes (emitted by whoever uploads)
+- `upload`: url, files, bytes (appended by `tune job` after the run, through `reopen`)
 - `error`: message, type
 - `job_end`: state (done, failed, stopped or preempted)
 

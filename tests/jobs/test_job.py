@@ -3,7 +3,10 @@ and exit 2, and whole jobs in process: a tiny LoRA run and the dummy uploaded to
 server (moto), the weights deleted after a verified upload, a dataset fetched from s3://."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -16,6 +19,7 @@ from finetune.jobs.job import JobSpec, choose_recipe, parse_job_args, recipe_arg
 from tests.cli_helpers import error_line, run
 from tests.jobs.helpers import tree_bytes
 
+REPO = Path(__file__).resolve().parents[2]
 DEMO = "pkg:data/demo/train.jsonl"
 FAST = [
     "--override",
@@ -231,3 +235,17 @@ def test_a_failed_upload_keeps_the_results_and_exits_3(capsys, jobs_env, s3_opti
     output_dir = jobs_env / "u" / "x"
     assert out.strip().splitlines()[-1] == f"job x: done, not uploaded; results in {output_dir}"
     assert list(output_dir.glob("step_*/*.safetensors"))
+
+
+@pytest.mark.slow
+def test_num_gpus_above_one_runs_under_torchrun(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FINETUNE_JOBS_DIR": str(tmp_path)}
+    env.pop("FINETUNE_JOB_ID", None)
+    argv = ["job", "--job_config_name", "dummy", "--num_gpus", "2", "--job_id", "t2", "--user_id", "u"]
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"job t2: done; results in {tmp_path / 'u' / 't2'}"
+    records = read_events(tmp_path / "u" / "t2")
+    assert records[0]["job_id"] == "t2" and records[-1] == {**records[-1], "kind": "job_end", "state": "done"}
