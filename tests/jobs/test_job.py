@@ -119,7 +119,15 @@ BAD_FLAGS = [
     (["--job_config_name", "tiny_ful"], "did you mean 'tiny_full'?"),
     (["--job_config_name", "tiny_lora", "--use_lora", "false"], "is a lora_finetune config"),
     (["--job_config_name", "tiny_full", "--job_id", "a/b"], "--job_id 'a/b' must be a non-empty name"),
+    (["--job_config_name", "tiny_full", "--override", "bogus=1"], "unknown key 'bogus' on the command line"),
 ]
+
+
+def test_help_lists_every_flag(capsys):
+    code, out, _ = run(capsys, "job", "--help")
+    assert code == 0
+    for flag in ("--job_config_name", "--dataset_id", "--num_gpus", "--results_url", "--delete_weights_after_upload"):
+        assert flag in out
 
 
 @pytest.mark.parametrize("argv,expected", BAD_FLAGS)
