@@ -50,6 +50,23 @@ def param(default: Any, help: str, hint: str = "") -> Any:
     return field(default=default, metadata=metadata)
 
 
+# What a scheduler watches, the same keys for every training run and the dummy's.
+def heartbeat_param() -> Any:
+    return param(5.0, "how often status.json's heartbeat is refreshed")
+
+
+def events_webhook_param() -> Any:
+    return param(None, "POST each events.jsonl record as JSON to this URL (never blocks training)")
+
+
+def events_redis_url_param() -> Any:
+    return param(None, "publish each events.jsonl record to this Redis (redis://host:port/db)")
+
+
+def events_redis_channel_param() -> Any:
+    return param("finetune.events", "the Redis pub/sub channel for events_redis_url")
+
+
 def resolve_path(path: str) -> Path:
     """Turn a path from params into a real path: `pkg:...` is relative to the package."""
     if path.startswith(PACKAGE_PREFIX):
@@ -238,14 +255,10 @@ class FullFinetuneParams(ParamsIO):
     profile: bool = param(False, "write a torch.profiler trace to output_dir/profile")
     profile_wait_steps: int = param(1, "profiler: steps to skip first")
     profile_active_steps: int = param(2, "profiler: steps to record")
-    heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
-    events_webhook: Optional[str] = param(
-        None, "POST each events.jsonl record as JSON to this URL (never blocks training)"
-    )
-    events_redis_url: Optional[str] = param(
-        None, "publish each events.jsonl record to this Redis (redis://host:port/db)"
-    )
-    events_redis_channel: str = param("finetune.events", "the Redis pub/sub channel for events_redis_url")
+    heartbeat_interval_s: float = heartbeat_param()
+    events_webhook: Optional[str] = events_webhook_param()
+    events_redis_url: Optional[str] = events_redis_url_param()
+    events_redis_channel: str = events_redis_channel_param()
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -355,14 +368,10 @@ class DummyParams(ParamsIO):
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also at the end)")
     step_time_s: float = param(0.0, "seconds each fake step takes, to watch heartbeats or try a preemption")
     resume_from_checkpoint: bool = param(False, "continue after the newest step_<N> in output_dir")
-    heartbeat_interval_s: float = param(5.0, "how often status.json's heartbeat is refreshed")
-    events_webhook: Optional[str] = param(
-        None, "POST each events.jsonl record as JSON to this URL (never blocks training)"
-    )
-    events_redis_url: Optional[str] = param(
-        None, "publish each events.jsonl record to this Redis (redis://host:port/db)"
-    )
-    events_redis_channel: str = param("finetune.events", "the Redis pub/sub channel for events_redis_url")
+    heartbeat_interval_s: float = heartbeat_param()
+    events_webhook: Optional[str] = events_webhook_param()
+    events_redis_url: Optional[str] = events_redis_url_param()
+    events_redis_channel: str = events_redis_channel_param()
     device: Device = param("cpu", "where the fake loss is all-reduced: cpu (gloo) or cuda (nccl)")
     dtype: Dtype = param("fp32", "kept for start_run; the dummy has no weights")
 
