@@ -25,7 +25,7 @@ from finetune.params import resolve_path
 from finetune.tokenizers import Tokenizer
 from finetune.tokenizers.loader import load_tokenizer_for_model
 from finetune.training.distributed import resolve_device
-from finetune.training.precision import resolve_dtype
+from finetune.training.precision import resolve_run_dtype
 
 Log = Callable[[str], None]
 
@@ -60,14 +60,6 @@ class InferenceSetup:
     quantization: Optional[dict[str, Any]]  # the quantization.json record of a quantized checkpoint
 
 
-def resolve_inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype named by a dtype param; `auto` is bf16 on a GPU and fp32 on a CPU, where bf16
-    matmuls are emulated and many times slower."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return resolve_dtype(name, device)
-
-
 def tokenizer_location(tokenizer_path: Optional[str], checkpoint_dir: Path) -> Path:
     """Where the tokenizer is: the tokenizer_path param, or else the checkpoint's own files."""
     return resolve_path(tokenizer_path) if tokenizer_path else checkpoint_dir
@@ -76,7 +68,7 @@ def tokenizer_location(tokenizer_path: Optional[str], checkpoint_dir: Path) -> P
 def prepare_inference(params: InferenceParams) -> InferenceSetup:
     """Device, dtype, architecture, tokenizer and quantization record: everything but the weights."""
     device = resolve_device(params.device)
-    dtype = resolve_inference_dtype(params.dtype, device)
+    dtype = resolve_run_dtype(params.dtype, device)
     checkpoint_dir = resolve_path(params.checkpoint_dir)  # type: ignore[arg-type]  # the params require it
     model_args = resolve_model_args(params.model, checkpoint_dir, params.checkpoint_format)
     tokenizer = load_tokenizer_for_model(

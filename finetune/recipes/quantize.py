@@ -29,13 +29,14 @@ from finetune.checkpointing.writers import hf_output_extras
 from finetune.data import build_dataset
 from finetune.errors import UserError
 from finetune.evaluation.perplexity import perplexity
-from finetune.inference import resolve_inference_dtype, tokenizer_location
+from finetune.inference import tokenizer_location
 from finetune.models import num_params
 from finetune.params import QuantizeParams, resolve_path
 from finetune.quantization import GROUPED_SCHEMES, check_scheme_device, quantize_model
 from finetune.recipes import recipe_main, run_once
 from finetune.tokenizers.loader import load_tokenizer_for_model, resolve_tokenizer_path
 from finetune.training.distributed import resolve_device
+from finetune.training.precision import resolve_run_dtype
 
 PARAMS_CLASS = QuantizeParams
 
@@ -54,7 +55,7 @@ class QuantizeRecipe:
         p = self.params
         p.check()  # a notebook may have changed a field since the params were built
         self.device = resolve_device(p.device)
-        self.dtype = resolve_inference_dtype(p.dtype, self.device)
+        self.dtype = resolve_run_dtype(p.dtype, self.device)
         self.checkpoint_dir = resolve_path(p.checkpoint_dir)  # type: ignore[arg-type]
         if is_quantized_checkpoint(self.checkpoint_dir):
             scheme = read_quantization_record(self.checkpoint_dir)["scheme"]

@@ -14,12 +14,13 @@ from finetune import ao
 from finetune.checkpointing import load_model, save_hf_checkpoint
 from finetune.checkpointing.peft import save_peft_adapter
 from finetune.checkpointing.quantized import load_quantized_model, save_quantized_checkpoint
-from finetune.inference import load_inference_model, prepare_inference, resolve_inference_dtype
+from finetune.inference import load_inference_model, prepare_inference
 from finetune.models import ModelArgs, build_model
 from finetune.models.lora import adapter_params, adapter_state_dict, apply_lora, merged_state_dict
 from finetune.params import resolve_path
 from finetune.quantization import quantize_model
 from finetune.tokenizers import load_tokenizer
+from finetune.training.precision import resolve_run_dtype
 
 TOKENIZER = resolve_path("pkg:data/demo/tokenizer.model")
 ARGS = ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
@@ -50,8 +51,8 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 def test_auto_dtype_is_fp32_on_a_cpu_and_a_named_dtype_is_kept():
     cpu = torch.device("cpu")
-    assert resolve_inference_dtype("auto", cpu) == torch.float32
-    assert resolve_inference_dtype("bf16", cpu) == torch.bfloat16
+    assert resolve_run_dtype("auto", cpu) == torch.float32
+    assert resolve_run_dtype("bf16", cpu) == torch.bfloat16
 
 
 def test_prepare_reads_no_weights(checkpoint_dir, tmp_path):
