@@ -8,7 +8,7 @@ the Params classes, which check notebook-built values the same way.
 from __future__ import annotations
 
 import typing
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -18,6 +18,12 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 _NONE = {"none", "null", "~", ""}
 _INVALID = object()
+
+
+def bool_from_text(text: str) -> Optional[bool]:
+    """true/yes/1/on or false/no/0/off, in any case; None for anything else."""
+    word = text.strip().lower()
+    return True if word in _TRUE else False if word in _FALSE else None
 
 
 def matches_type(value: Any, tp: Any) -> bool:
@@ -97,11 +103,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         return value
     text = value.strip()
     if tp is bool:
-        if text.lower() in _TRUE:
-            return True
-        if text.lower() in _FALSE:
-            return False
-        return _INVALID
+        flag = bool_from_text(text)
+        return _INVALID if flag is None else flag
     if tp is int:
         return int(text)
     if tp is float:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from finetune.config.coercion import bool_from_text
 from finetune.config.files import CONFIG_DIR, resolve_config_path
 from finetune.errors import UserError
 from finetune.jobs import events, storage
@@ -30,8 +31,6 @@ EXIT_NOT_UPLOADED = 3  # trained (status done, results kept locally) but the upl
 
 DUMMY = "dummy"  # --job_config_name dummy: the dummy recipe with its defaults (no model, no data)
 STATES = {0: "done", 2: "failed", 130: "stopped", 143: "preempted"}
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,10 @@ class JobSpec:
 
 
 def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false/yes/no/1/0, got '{text}'") from None
+    flag = bool_from_text(text)
+    if flag is None:
+        raise argparse.ArgumentTypeError(f"expected true/false/yes/no/1/0, got '{text}'")
+    return flag
 
 
 def _number(text: str, kind: type, minimum: float, strict: bool) -> Any:

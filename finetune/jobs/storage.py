@@ -173,6 +173,8 @@ def _check_remote(fs: Any, path: str, local: Path, entry: Mapping[str, Any], rea
     return _remote_sha256(fs, path) == entry["sha256"], "read-back-sha256"
 
 
+# checkpointing.atomic.atomic_write_text does this too, but importing that package loads torch, and
+# the `tune` launcher imports this module and must start without it.
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
