@@ -1,5 +1,6 @@
 """The `tune` command: resolve a recipe name (or a user's `.py` file) and run it, in this process or
-through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate` and `job`.
+through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate`, `job`,
+`submit` and `worker`.
 
 The launcher sits above the config layer (`finetune.config`, `finetune.params`) and the recipes:
 recipes never import it. It loads recipe modules by name through the registry, so starting it
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from finetune.cli.commands import cmd_cp, cmd_job, cmd_ls, cmd_validate, params_class_for
+from finetune.cli.commands import cmd_cp, cmd_job, cmd_ls, cmd_submit, cmd_validate, cmd_worker, params_class_for
 from finetune.cli.registry import load_recipe_module
 from finetune.cli.torchrun import check_launcher_args, needs_torchrun, run_with_torchrun, split_launcher_args
 
@@ -32,6 +33,8 @@ USAGE = """usage: tune [torchrun flags] <recipe | path/to/recipe.py> --config X 
        tune validate --config X [k=v ...] [--recipe R]   check and print the resolved params
        tune job --job_config_name C [--dataset_id D] [--results_url U] ...   a production job
                                      (train, upload the results; tune job --help for the flags)
+       tune submit --broker redis://H:P/N <tune job's flags>   queue a job; prints its id
+       tune worker --broker redis://H:P/N [--gpus 0,1]         run queued jobs, one at a time
 
 torchrun flags: --nproc_per_node N|auto|cpu|gpu, --nnodes N|MIN:MAX, --node_rank R, --master_addr A,
                 --master_port P, --rdzv_backend B, --rdzv_endpoint H:P, --max_restarts N, ...
@@ -61,6 +64,10 @@ def tune_main(argv: Sequence[str]) -> int:
             return cmd_validate(command_argv)
         if command == "job":
             return cmd_job(command_argv)
+        if command == "submit":
+            return cmd_submit(command_argv)
+        if command == "worker":
+            return cmd_worker(command_argv)
     if needs_torchrun(launcher) and not {"-h", "--help"} & set(command_argv):  # help is printed once, here
         # Check the config once here, so a typo is one line and not a line per worker.
         params_cls = params_class_for(command)

@@ -1,5 +1,6 @@
 """`tune` subcommands: `ls` (recipes and their configs), `cp` (copy one out to edit),
-`validate` (check a config and print the params it resolves to) and `job` (a production job)."""
+`validate` (check a config and print the params it resolves to), `job` (a production job), `submit`
+(queue one) and `worker` (run queued ones)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from finetune.cli.torchrun import launcher_flag, run_with_torchrun
 from finetune.config import CONFIG_DIR, TuneArgumentParser, read_config, resolve_config_path
 from finetune.errors import UserError
 from finetune.jobs.job import (
+    JobSpec,
+    begin_attempt,
     choose_recipe,
     finish_job,
+    is_uploaded,
     job_environment,
     job_parser,
     local_dataset,
@@ -23,6 +27,7 @@ from finetune.jobs.job import (
     recipe_argv,
     resolve_job_config,
 )
+from finetune.jobs.worker import SUBMIT_USAGE, parse_worker_args, run_worker, split_queue_flags, submit_job
 
 
 def cmd_ls() -> int:
@@ -110,20 +115,64 @@ def params_class_for(recipe: str) -> Optional[type]:
     return find_recipe(recipe).params_class()
 
 
-def cmd_job(argv: Sequence[str]) -> int:
-    """`tune job`: the pipeline's job flags -> a recipe run (here, or torchrun for --num_gpus > 1),
-    then the upload of its results (finetune/jobs/job.py)."""
-    if {"-h", "--help"} & set(argv):
-        job_parser().print_help()
-        return 0
-    spec = parse_job_args(argv)
+def plan_job(spec: JobSpec) -> tuple[str, Optional[Path]]:
+    """The recipe and config file a job runs with. A bad name, flag or --override is a UserError
+    now, before the job's folder is made (or the job is queued)."""
     config = resolve_job_config(spec)
     recipe = choose_recipe(spec, config_recipes(config) if config is not None else ())
+    params_cls = params_class_for(recipe)
+    if params_cls is not None:
+        TuneArgumentParser(params_cls).parse_args(recipe_argv(spec, recipe, config, spec.dataset_id, spec.output_dir()))
+    return recipe, config
+
+
+def cmd_job(argv: Sequence[str]) -> int:
+    """`tune job`: the pipeline's job flags -> a recipe run (here, or torchrun for --num_gpus > 1),
+    then the upload of its results (finetune/jobs/job.py). With --broker it is queued instead, for
+    a `tune worker` (finetune/jobs/worker.py)."""
+    if {"-h", "--help"} & set(argv):
+        job_parser().print_help()
+        print("\nwith --broker redis://HOST:PORT/N [--queue Q] the job is queued for `tune worker` (tune submit)")
+        return 0
+    if any(a == "--broker" or a.startswith("--broker=") for a in argv):
+        return cmd_submit(argv)
+    spec = parse_job_args(argv)
+    recipe, config = plan_job(spec)
     output_dir = spec.output_dir()
-    recipe_args = recipe_argv(spec, recipe, config, local_dataset(spec.dataset_id, print), output_dir)
+    attempt = begin_attempt(spec, output_dir)
+    if attempt == "done":
+        print(f"job {spec.job_id}: already trained (status.json says done)", flush=True)
+        if is_uploaded(spec, output_dir):
+            print(f"job {spec.job_id}: done; results in {output_dir}", flush=True)
+            return 0
+        return finish_job(spec, 0, output_dir)
+    if attempt == "resume":
+        print(f"job {spec.job_id}: resuming the earlier attempt in {output_dir}", flush=True)
+    dataset = local_dataset(spec.dataset_id, print)
+    recipe_args = recipe_argv(spec, recipe, config, dataset, output_dir, resume=attempt == "resume")
     with job_environment(spec.job_id):
         if spec.num_gpus > 1:
             code = run_with_torchrun(["--nproc_per_node", str(spec.num_gpus)], recipe, recipe_args)
         else:
             code = load_recipe_module(recipe).main(recipe_args) or 0
     return finish_job(spec, code, output_dir)
+
+
+def cmd_submit(argv: Sequence[str]) -> int:
+    """`tune submit` (or `tune job ... --broker URL`): check the job's flags, queue it for a
+    `tune worker` and print its id."""
+    if {"-h", "--help"} & set(argv):
+        print(SUBMIT_USAGE)
+        job_parser().print_help()
+        return 0
+    broker, queue, job_argv = split_queue_flags(argv)
+    spec = parse_job_args(job_argv)
+    plan_job(spec)  # a bad config name or flag is refused here, not later on the worker
+    submit_job(broker, queue, spec, job_argv)
+    print(spec.job_id, flush=True)
+    return 0
+
+
+def cmd_worker(argv: Sequence[str]) -> int:
+    """`tune worker --broker URL [--gpus 0,1] [--queue Q] [--jobs_dir DIR]`: run queued jobs, one at a time."""
+    return run_worker(parse_worker_args(argv))

@@ -12,7 +12,9 @@ the fields of its kind:
 - `checkpoint`: step, path, files ({relative path: bytes})
 - `upload`: url, files, bytes (appended by `tune job` after the run, through `reopen`)
 - `error`: message, type
-- `job_end`: state (done, failed, stopped or preempted)
+- `job_end`: state (done, failed, stopped or preempted); written by `tune job` it also holds
+  exit_status (0, or 3 when the upload failed or the weights could not be deleted), and by
+  `tune worker` when the job's process ended without writing one (killed, or stopped on bad input)
 
 Each line is written with one write call to a file opened for appending, so a reader never sees
 a torn line. Only rank 0 writes; elsewhere every method does nothing.
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 EVENTS_FILE = "events.jsonl"
 JOB_ID_VARIABLES = ("FINETUNE_JOB_ID", "SLURM_JOB_ID")
 VERSIONED_PACKAGES = ("torch", "finetune", "torchao", "transformers")
+# Set by `tune job` for its run: a run that ends done writes no job_end; the job writes it after its upload.
+JOB_END_AFTER_UPLOAD = "FINETUNE_JOB_END_AFTER_UPLOAD"
 
 
 class Sink:
@@ -253,12 +257,18 @@ class EventLog:
         else:
             self.emit("error", message=error, type=None)
 
-    def job_end(self, state: str) -> None:
-        """The run's end (once): done, failed, stopped or preempted."""
+    def job_end(self, state: str, **fields: Any) -> None:
+        """The run's end (once): done, failed, stopped or preempted.
+
+        Under `tune job` (JOB_END_AFTER_UPLOAD set) a run that is done leaves its job_end to the
+        job, which writes it after the upload, so a watcher never takes the job for over early.
+        """
         if self._ended:
             return
         self._ended = True
-        self.emit("job_end", state=state)
+        if state == "done" and os.environ.get(JOB_END_AFTER_UPLOAD) == "1":
+            return
+        self.emit("job_end", state=state, **fields)
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Let the sinks send what they hold, for at most `timeout_s` in all."""

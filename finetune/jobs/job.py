@@ -7,6 +7,12 @@ reads those flags into a `JobSpec`; `resolve_job_config`, `choose_recipe` and `r
 it into a recipe name and its command line (`--config <file> key=value ...`); `finish_job` uploads
 the output folder and records it in events.jsonl. The launcher (`finetune/cli/commands.py`) runs
 the recipe between the two. This module imports no torch.
+
+A job is its id: its folder is `<jobs_dir>/<user_id>/<job_id>`, where `job.json` records the flags
+that define what it trains. Running a job whose folder already holds that record is another attempt
+of it: with the same flags it resumes from the newest checkpoint there (a preempted or killed job is
+resumed by running the same command again); a job already done only finishes its upload; other
+flags are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +34,21 @@ from finetune.jobs import events, storage
 
 # Exit statuses of `tune job` besides the recipe's own (0 done, 2 bad input, 130 stopped, 143 preempted, 1).
 EXIT_NOT_UPLOADED = 3  # trained (status done, results kept locally) but the upload or the deletion after it failed
+
+JOB_RECORD = "job.json"
+# The flags that say what a job trains: another attempt of the job must repeat them to resume it.
+DEFINING_FLAGS = (
+    "job_config_name",
+    "dataset_id",
+    "batch_size",
+    "num_epochs",
+    "use_lora",
+    "use_qlora",
+    "lr",
+    "seed",
+    "shuffle",
+    "overrides",
+)
 
 DUMMY = "dummy"  # --job_config_name dummy: the dummy recipe with its defaults (no model, no data)
 STATES = {0: "done", 2: "failed", 130: "stopped", 143: "preempted"}
@@ -235,7 +256,12 @@ def choose_recipe(spec: JobSpec, config_recipes: Sequence[str]) -> str:
 
 
 def recipe_argv(
-    spec: JobSpec, recipe: str, config: Optional[Path], dataset: Optional[str], output_dir: Path
+    spec: JobSpec,
+    recipe: str,
+    config: Optional[Path],
+    dataset: Optional[str],
+    output_dir: Path,
+    resume: bool = False,
 ) -> list[str]:
     """The recipe's command line: `--config <file>` then key=value overrides, --override ones last.
 
@@ -243,6 +269,8 @@ def recipe_argv(
     """
     argv = ["--config", str(config)] if config is not None else []
     values: dict[str, object] = {"output_dir": output_dir}
+    if resume:
+        values["resume_from_checkpoint"] = True
     if dataset is not None and recipe != DUMMY:
         values["dataset"] = dataset
     values.update(batch_size=spec.batch_size, epochs=spec.num_epochs, lr=spec.lr, seed=spec.seed)
@@ -272,48 +300,113 @@ def state_for(code: int) -> str:
     return STATES.get(code, "failed")
 
 
+def job_record(spec: JobSpec) -> dict[str, Any]:
+    """What `job.json` holds: the job's ids and the flags that define what it trains."""
+    record: dict[str, Any] = {"job_id": spec.job_id, "user_id": spec.user_id}
+    for name in DEFINING_FLAGS:
+        value = getattr(spec, name)
+        record[name] = list(value) if isinstance(value, tuple) else value
+    return record
+
+
+def begin_attempt(spec: JobSpec, output_dir: Path) -> Optional[str]:
+    """Record the job in its folder, or recognise an earlier attempt of it there.
+
+    Returns None on a first attempt, `resume` when an earlier attempt of the same job left its
+    record (it resumes from the newest checkpoint there, or starts over when there is none), and
+    `done` when that attempt trained to the end. A record with other flags is a UserError.
+    """
+    earlier = storage.read_json(output_dir / JOB_RECORD)
+    mine = job_record(spec)
+    if earlier is None:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            storage.write_json_atomic(output_dir / JOB_RECORD, mine)
+        except OSError as exc:
+            where = output_dir / JOB_RECORD
+            raise UserError(f"cannot write {where} ({exc.strerror}); set a writable FINETUNE_JOBS_DIR") from None
+        return None
+    changed = [name for name in DEFINING_FLAGS if earlier.get(name) != mine[name]]
+    if changed:
+        was = ", ".join(f"{name} {earlier.get(name)!r}" for name in changed)
+        raise UserError(
+            f"job {spec.job_id} in {output_dir} was started with {was}; repeat its flags to resume it, "
+            "or choose another --job_id"
+        )
+    status = storage.read_json(output_dir / "status.json") or {}
+    return "done" if status.get("state") == "done" else "resume"
+
+
+def is_uploaded(spec: JobSpec, output_dir: Path) -> bool:
+    """Whether the folder holds the manifest of an upload to this job's results location."""
+    manifest = storage.read_json(output_dir / storage.MANIFEST_NAME) or {}
+    return spec.results_location() is None or manifest.get("url") == spec.results_location()
+
+
 def finish_job(spec: JobSpec, code: int, output_dir: Path, log: storage.Log = print) -> int:
     """After the recipe: on success upload (and with --delete_weights_after_upload delete the local
-    weights), append the `upload` event, and print `job <id>: <state>; results in ...`. The status."""
+    weights), append the `upload` and `job_end` events, and print `job <id>: <state>; results in ...`.
+
+    Exit status 3 means trained but not all done after: the final line says which (`done, not
+    uploaded` or `done, uploaded, weights kept`), as does the `error` record before job_end.
+    A run that did not end done has written its own job_end. Returns the job's exit status.
+    """
     url = spec.results_location()
+    state = state_for(code)
     uploaded = False
-    if code == 0 and url:
+    if code == 0 and output_dir.is_dir():
+        event_log = events.reopen(output_dir)
         try:
-            report = storage.upload(output_dir, url, log)
-            files = [*report.uploaded, *report.skipped]
-            num_bytes = sum((output_dir / rel).stat().st_size for rel in files if (output_dir / rel).is_file())
-            event_log = events.reopen(output_dir)
-            event_log.upload(url, files, num_bytes)
+            if url:
+                try:
+                    report = storage.upload(output_dir, url, log)
+                    files = [*report.uploaded, *report.skipped]
+                    num_bytes = sum((output_dir / rel).stat().st_size for rel in files if (output_dir / rel).is_file())
+                    event_log.upload(url, files, num_bytes)
+                    uploaded = True
+                except UserError as exc:
+                    _report(exc, event_log)
+                    code, state = EXIT_NOT_UPLOADED, "done, not uploaded"
+            if uploaded and spec.delete_weights_after_upload:
+                try:
+                    storage.delete_local_weights(output_dir, log)
+                except UserError as exc:
+                    _report(exc, event_log)
+                    code, state = EXIT_NOT_UPLOADED, "done, uploaded, weights kept"
+            event_log.job_end("done", exit_status=code, uploaded_to=url if uploaded else None)
+        finally:
             event_log.close()
-            storage.upload(output_dir, url, lambda _: None)  # events.jsonl again, with its upload record
-            uploaded = True
-            if spec.delete_weights_after_upload:
-                storage.delete_local_weights(output_dir, log)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            code = EXIT_NOT_UPLOADED
+        if uploaded:
+            try:  # events.jsonl again, now with its upload and job_end records
+                storage.upload_again(output_dir, url, [events.EVENTS_FILE], lambda _: None)  # type: ignore[arg-type]
+            except UserError as exc:
+                print(f"warning: {exc}; the results themselves are uploaded", file=sys.stderr, flush=True)
     if output_dir.is_dir():
-        state = "done, not uploaded" if code == EXIT_NOT_UPLOADED and not uploaded else state_for(code)
-        if code == EXIT_NOT_UPLOADED and uploaded:
-            state = "done, uploaded, weights kept"
         where = f"{output_dir}" + (f" and {url}" if uploaded else "")
         print(f"job {spec.job_id}: {state}; results in {where}", flush=True)
     return code
 
 
+def _report(error: UserError, event_log: events.EventLog) -> None:
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    event_log.error(error)
+
+
 class job_environment:
-    """FINETUNE_JOB_ID set for the run (events.jsonl's job_start reads it), restored after."""
+    """FINETUNE_JOB_ID set for the run (events.jsonl's job_start reads it), and the run's job_end
+    left to the job (events.JOB_END_AFTER_UPLOAD); both restored after."""
 
     def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        self._old: Optional[str] = None
+        self.values = {"FINETUNE_JOB_ID": job_id, events.JOB_END_AFTER_UPLOAD: "1"}
+        self._old: dict[str, Optional[str]] = {}
 
     def __enter__(self) -> None:
-        self._old = os.environ.get("FINETUNE_JOB_ID")
-        os.environ["FINETUNE_JOB_ID"] = self.job_id
+        self._old = {name: os.environ.get(name) for name in self.values}
+        os.environ.update(self.values)
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is None:
-            os.environ.pop("FINETUNE_JOB_ID", None)
-        else:
-            os.environ["FINETUNE_JOB_ID"] = self._old
+        for name, old in self._old.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old

@@ -16,6 +16,8 @@ A job's `dataset_id`, `checkpoint_dir` and `results_url` may be local paths or `
   files the remote manifest lists with the same size and sha256 and whose remote object still has
   that size (and that md5, where the backend shows one). Nothing local is ever deleted by upload;
   a failure is one UserError line saying the results are kept.
+- `upload_again(local_dir, url, paths, log)` puts a few files that changed after an upload (the
+  job's events.jsonl) and updates their manifest entries, leaving the others as they are.
 - `delete_local_weights(local_dir)` removes the weight files of `step_*/` checkpoints only when
   the upload manifest matches the local files and the remote objects.
 
@@ -175,7 +177,8 @@ def _check_remote(fs: Any, path: str, local: Path, entry: Mapping[str, Any], rea
 
 # checkpointing.atomic.atomic_write_text does this too, but importing that package loads torch, and
 # the `tune` launcher imports this module and must start without it.
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace `path` with `data` as JSON in one rename: a reader sees the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
@@ -185,7 +188,8 @@ def _write_json_atomic(path: Path, data: Any) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -237,7 +241,7 @@ def fetch(url: str, cache_dir: Path | str, log: Log, storage_options: Optional[M
 def _fetch_locked(
     fs: Any, url: str, root: str, target: Path, record_path: Path, remote: dict[str, Mapping[str, Any]], log: Log
 ) -> Path:
-    old = _read_json(record_path) or {}
+    old = read_json(record_path) or {}
     old_files = old.get("files", {}) if old.get("url") == url else {}
     stamps = {rel: _remote_stamp(i) for rel, i in remote.items()}
 
@@ -267,16 +271,16 @@ def _fetch_locked(
     written_at = time.monotonic()
     record_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
+        write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
         for rel in todo:
             _download(fs, _join(root, rel), cached(rel), remote[rel], url)
             done[rel] = stamps[rel]
             if time.monotonic() - written_at > _RECORD_EVERY_S:
-                _write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
+                write_json_atomic(record_path, {"url": url, "files": done, "complete": False})
                 written_at = time.monotonic()
         complete = True
     finally:
-        _write_json_atomic(record_path, {"url": url, "files": done, "complete": complete})
+        write_json_atomic(record_path, {"url": url, "files": done, "complete": complete})
     return target
 
 
@@ -403,9 +407,53 @@ def upload(
         raise
     except Exception as exc:
         raise failed(_one_line(exc)) from exc
-    _write_json_atomic(local_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(local_dir / MANIFEST_NAME, manifest)
     log(f"uploaded {len(report.uploaded)} file(s) to {url}, {len(report.skipped)} already there intact")
     return report
+
+
+def upload_again(
+    local_dir: Path | str,
+    url: str,
+    paths: list[str],
+    log: Log,
+    retries: int = 3,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    backoff_s: float = BACKOFF_S,
+) -> None:
+    """Upload `paths` (relative to `local_dir`) once more after `upload`, verified, and replace their
+    entries in the manifest at the URL and in `local_dir`.
+
+    The other files are not looked at: their weights may since have been deleted locally, and the
+    manifest must go on listing what the URL holds. A failure is a UserError, as for `upload`.
+    """
+    local_dir = Path(local_dir)
+    url = str(url).rstrip("/")
+    fs, root = _filesystem(url, storage_options)
+    try:
+        listed = _read_remote_manifest(fs, root)
+        for rel in paths:
+            local = local_dir / rel
+            sha256, md5 = _hashes(local)
+            entry = {"path": rel, "size": local.stat().st_size, "sha256": sha256, "md5": md5}
+            rpath = _join(root, rel)
+
+            def put(local: Path = local, rpath: str = rpath, entry: dict = entry, rel: str = rel) -> None:
+                fs.put_file(str(local), rpath)
+                fs.invalidate_cache(rpath)
+                if not _check_remote(fs, rpath, local, entry, read_back=True)[0]:
+                    raise OSError(f"{rel} did not verify after upload")
+
+            _with_retries(put, retries, backoff_s, log, f"upload of {rel}")
+            listed[rel] = entry
+        manifest = {"version": 1, "url": url, "files": [listed[rel] for rel in sorted(listed)]}
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        _with_retries(lambda: fs.pipe_file(_join(root, MANIFEST_NAME), data), retries, backoff_s, log, MANIFEST_NAME)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"upload of {', '.join(paths)} to {url} failed ({_one_line(exc)})") from exc
+    write_json_atomic(local_dir / MANIFEST_NAME, manifest)
 
 
 def delete_local_weights(
@@ -418,7 +466,7 @@ def delete_local_weights(
     backend shows one). Otherwise a UserError refuses and nothing is deleted. Returns what was deleted.
     """
     local_dir = Path(local_dir)
-    manifest = _read_json(local_dir / MANIFEST_NAME)
+    manifest = read_json(local_dir / MANIFEST_NAME)
 
     def refuse(why: str) -> UserError:
         return UserError(f"refusing to delete the weights in {local_dir}: {why}; upload the results first")

@@ -119,6 +119,13 @@ class RunContext:
             self.monitor.fail(str(error) or type(error).__name__)
             self.events.error(error)
 
+    def record_launcher_death(self, message: str) -> None:
+        """The run's end when its launcher died: the worker exits at once after this (no close)."""
+        self.monitor.fail(message)
+        self.events.error(message)
+        self.events.job_end("failed")
+        self.events.close(timeout_s=1.0)
+
     def close(self) -> None:
         for close in self.closers:
             close()
@@ -154,7 +161,7 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
             lock.release()
         raise
     run = RunContext(params, dist, device, dtype, output_dir, monitor, lock, events=events)  # type: ignore[arg-type]
-    run.closers.append(on_launcher_death(monitor.fail))
+    run.closers.append(on_launcher_death(run.record_launcher_death))
     if run.rank_zero:
         run.log(str(params))
     return run

@@ -25,6 +25,8 @@ DEFERRABLE = (
     "torch.utils.tensorboard",
     "wandb",
     "redis",
+    "celery",
+    "kombu",
     "torch.distributed",
 )
 

@@ -169,8 +169,9 @@ def assert_uploaded(s3_options: dict, output_dir: Path, url: str) -> None:
     }
     records = read_events(output_dir)
     assert records[0]["kind"] == "job_start" and records[0]["job_id"] == output_dir.name
-    assert [r["kind"] for r in records[-2:]] == ["job_end", "upload"] and records[-2]["state"] == "done"
-    assert records[-1]["url"] == url and records[-1]["bytes"] > 0 and "metrics.jsonl" in records[-1]["files"]
+    assert [r["kind"] for r in records[-2:]] == ["upload", "job_end"]
+    assert records[-1] == {**records[-1], "state": "done", "exit_status": 0, "uploaded_to": url}
+    assert records[-2]["url"] == url and records[-2]["bytes"] > 0 and "metrics.jsonl" in records[-2]["files"]
     assert records[-1]["elapsed_s"] >= records[-2]["elapsed_s"]
 
 
@@ -191,7 +192,7 @@ def test_a_tiny_lora_job_trains_uploads_and_deletes_its_weights(capsys, jobs_env
     remote = remote_tree(s3_options, url)
     assert any(k.endswith("adapter_model.safetensors") for k in remote)  # ... kept remotely
     records = read_events(output_dir)
-    assert [r["kind"] for r in records[-2:]] == ["job_end", "upload"] and records[-1]["url"] == url
+    assert [r["kind"] for r in records[-2:]] == ["upload", "job_end"] and records[-2]["url"] == url
     assert records[0]["job_id"] == "lora1"
     assert json.loads((output_dir / "status.json").read_text())["state"] == "done"
 
@@ -243,6 +244,35 @@ def test_a_failed_upload_keeps_the_results_and_exits_3(capsys, jobs_env, s3_opti
     output_dir = jobs_env / "u" / "x"
     assert out.strip().splitlines()[-1] == f"job x: done, not uploaded; results in {output_dir}"
     assert list(output_dir.glob("step_*/*.safetensors"))
+    records = read_events(output_dir)
+    assert [r["kind"] for r in records[-2:]] == ["error", "job_end"] and "upload of" in records[-2]["message"]
+    assert records[-1] == {**records[-1], "state": "done", "exit_status": 3, "uploaded_to": None}
+
+
+def test_the_same_command_again_finishes_a_job_and_other_flags_are_refused(capsys, jobs_env, s3_options):
+    fs = fsspec.filesystem("s3", **s3_options)
+    bucket = "later-bucket"
+    argv = [
+        "job",
+        "--job_config_name",
+        "dummy",
+        "--job_id",
+        "again",
+        "--user_id",
+        "u",
+        "--results_url",
+        f"s3://{bucket}",
+    ]
+    assert run(capsys, *argv)[0] == job.EXIT_NOT_UPLOADED  # no bucket yet: trained, not uploaded
+    fs.mkdir(bucket)
+    code, out, err = run(capsys, *argv)  # the same command: the upload only, no second run
+    output_dir = jobs_env / "u" / "again"
+    assert code == 0, err
+    assert "job again: already trained" in out and "resuming" not in out
+    assert_uploaded(s3_options, output_dir, f"s3://{bucket}/u/again")
+    assert [r["kind"] for r in read_events(output_dir)].count("job_start") == 1
+    code, out, err = run(capsys, *argv, "--batch_size", "3")
+    assert code == 2 and "was started with batch_size None; repeat its flags" in error_line(err)
 
 
 @pytest.mark.slow

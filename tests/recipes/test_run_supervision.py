@@ -75,6 +75,9 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path):
         assert sorted(p.name for p in out.glob("step_*")) == saved and len(train_losses(out)) == losses
         record = json.loads((out / "status.json").read_text())
         assert record["state"] == "failed" and "launcher" in record["error"], record
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        assert [e["kind"] for e in events[-2:]] == ["error", "job_end"] and events[-1]["state"] == "failed"
+        assert events[-2]["message"] == record["error"]
     finally:
         for pid in workers:
             if alive(pid):
