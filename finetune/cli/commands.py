@@ -27,7 +27,14 @@ from finetune.jobs.job import (
     recipe_argv,
     resolve_job_config,
 )
-from finetune.jobs.worker import SUBMIT_USAGE, parse_worker_args, run_worker, split_queue_flags, submit_job
+from finetune.jobs.worker import (
+    SUBMIT_USAGE,
+    parse_worker_args,
+    run_worker,
+    split_queue_flags,
+    submit_job,
+    worker_parser,
+)
 
 
 def cmd_ls() -> int:
@@ -175,4 +182,7 @@ def cmd_submit(argv: Sequence[str]) -> int:
 
 def cmd_worker(argv: Sequence[str]) -> int:
     """`tune worker --broker URL [--gpus 0,1] [--queue Q] [--jobs_dir DIR]`: run queued jobs, one at a time."""
+    if {"-h", "--help"} & set(argv):
+        worker_parser().print_help()
+        return 0
     return run_worker(parse_worker_args(argv))

@@ -136,14 +136,21 @@ def split_queue_flags(argv: Sequence[str]) -> tuple[str, str, list[str]]:
 # Celery ----------------------------------------------------------------------------------------------
 
 
-def celery_app(broker: str, backend: Optional[str] = None, visibility_timeout_s: int = VISIBILITY_TIMEOUT_S) -> Any:
-    """The Celery app submitters and workers share: Redis broker and result backend, late acks."""
+def celery_app(
+    broker: str,
+    backend: Optional[str] = None,
+    visibility_timeout_s: int = VISIBILITY_TIMEOUT_S,
+    results: bool = True,
+) -> Any:
+    """The Celery app workers and readers of results use: Redis broker and result backend (the
+    broker's, unless `backend` says), late acks. A submitter needs no results (`results=False`):
+    with a backend, Celery would first connect there to follow the job's result."""
     try:
         # Here, not at the top: Celery is the optional `worker` extra, and `tune` starts without it.
         from celery import Celery
     except ImportError as exc:
         raise UserError("queued jobs need Celery: pip install 'finetune[worker]'") from exc
-    app = Celery("finetune", broker=broker, backend=backend or broker, set_as_current=False)
+    app = Celery("finetune", broker=broker, backend=(backend or broker) if results else None, set_as_current=False)
     app.conf.update(
         task_acks_late=True,  # acknowledged when the job ended, not when it started
         task_reject_on_worker_lost=True,
@@ -177,7 +184,7 @@ def submit_job(broker: str, queue: str, spec: JobSpec, job_argv: Sequence[str]) 
     # Here, not at the top: kombu comes with Celery, the optional `worker` extra.
     from kombu.exceptions import OperationalError
 
-    app = celery_app(broker)
+    app = celery_app(broker, results=False)
     try:
         app.send_task(
             TASK_NAME,

@@ -1,7 +1,9 @@
-"""A real S3 API for the storage tests: moto's standalone server on 127.0.0.1, reached through s3fs.
+"""Real services for the job tests: an S3 API (moto's standalone server on 127.0.0.1, reached
+through s3fs) and a redis-server on 127.0.0.1.
 
-The server is a separate process speaking HTTP; nothing in the client is replaced. Tests that need
-it skip with a reason when moto[server] or s3fs is not installed (the dev extra installs both).
+The servers are separate processes; nothing in the clients is replaced. Tests that need one skip
+with a reason when it is not installed (the dev extra installs moto[server], s3fs and the Redis
+client; .ci/run installs redis-server).
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from typing import Iterator
 import fsspec
 import pytest
 
-from tests.jobs.helpers import moto_server, s3_storage_options
+from tests.jobs.helpers import moto_server, redis_server, s3_storage_options
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     with moto_server() as (endpoint, _):
         yield endpoint
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
 
 
 @pytest.fixture

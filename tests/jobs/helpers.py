@@ -1,10 +1,13 @@
-"""Helpers for the storage tests: a local S3 server (moto) and checkpoint-shaped folders."""
+"""Helpers for the job tests: a local S3 server (moto), a local redis-server, checkpoint-shaped
+folders, and the checks an uploaded job's folder must pass."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import fsspec
 import pytest
 
 MISSING = [name for name in ("moto", "flask", "s3fs") if importlib.util.find_spec(name) is None]
@@ -91,3 +95,61 @@ def make_checkpoint_folder(root: Path) -> Path:
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """Start redis-server on a free loopback port, without persistence; yield its URL; stop it after."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
+    redis = pytest.importorskip("redis", reason="the Redis client is in the dev extra: pip install -e '.[dev]'")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def read_events(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "events.jsonl").read_text().splitlines()]
+
+
+def remote_tree(s3_options: dict, url: str) -> dict[str, bytes]:
+    fs = fsspec.filesystem("s3", **s3_options)
+    root = url.removeprefix("s3://")
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+def assert_uploaded(s3_options: dict, output_dir: Path, url: str) -> None:
+    """The folder at `url` equals the local one byte for byte, and events.jsonl ends with the
+    job's upload and then its job_end (done, exit status 0)."""
+    local = tree_bytes(output_dir)
+    remote = remote_tree(s3_options, url)
+    assert remote.keys() == local.keys()
+    assert {k: v for k, v in remote.items() if k != "_manifest.json"} == {
+        k: v for k, v in local.items() if k != "_manifest.json"
+    }
+    records = read_events(output_dir)
+    assert records[0]["kind"] == "job_start" and records[0]["job_id"] == output_dir.name
+    assert [r["kind"] for r in records[-2:]] == ["upload", "job_end"]
+    assert records[-1] == {**records[-1], "state": "done", "exit_status": 0, "uploaded_to": url}
+    assert records[-2]["url"] == url and records[-2]["bytes"] > 0 and "metrics.jsonl" in records[-2]["files"]
+    assert records[-1]["elapsed_s"] >= records[-2]["elapsed_s"]

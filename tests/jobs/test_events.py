@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -202,36 +200,6 @@ def test_a_full_sink_queue_drops_instead_of_blocking():
 # ------------------------------------------------------------------------------------------------
 # Redis
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH (Debian: apt-get install redis-server; .ci/run installs it)")
-    redis = pytest.importorskip("redis", reason="the Redis client is in the dev extra: pip install -e '.[dev]'")
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_the_redis_sink_publishes_every_record_in_order(tmp_path, redis_url):

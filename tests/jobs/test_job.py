@@ -17,7 +17,7 @@ from finetune.config.files import CONFIG_DIR
 from finetune.jobs import job
 from finetune.jobs.job import JobSpec, choose_recipe, parse_job_args, recipe_argv, resolve_job_config
 from tests.cli_helpers import error_line, run
-from tests.jobs.helpers import tree_bytes
+from tests.jobs.helpers import assert_uploaded, read_events, remote_tree
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = "pkg:data/demo/train.jsonl"
@@ -148,31 +148,6 @@ def jobs_env(monkeypatch, tmp_path, s3_endpoint, aws_env):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.delenv("FINETUNE_JOB_ID", raising=False)
     return tmp_path / "jobs"
-
-
-def remote_tree(s3_options: dict, url: str) -> dict[str, bytes]:
-    fs = fsspec.filesystem("s3", **s3_options)
-    root = url.removeprefix("s3://")
-    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
-
-
-def read_events(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "events.jsonl").read_text().splitlines()]
-
-
-def assert_uploaded(s3_options: dict, output_dir: Path, url: str) -> None:
-    local = tree_bytes(output_dir)
-    remote = remote_tree(s3_options, url)
-    assert remote.keys() == local.keys()
-    assert {k: v for k, v in remote.items() if k != "_manifest.json"} == {
-        k: v for k, v in local.items() if k != "_manifest.json"
-    }
-    records = read_events(output_dir)
-    assert records[0]["kind"] == "job_start" and records[0]["job_id"] == output_dir.name
-    assert [r["kind"] for r in records[-2:]] == ["upload", "job_end"]
-    assert records[-1] == {**records[-1], "state": "done", "exit_status": 0, "uploaded_to": url}
-    assert records[-2]["url"] == url and records[-2]["bytes"] > 0 and "metrics.jsonl" in records[-2]["files"]
-    assert records[-1]["elapsed_s"] >= records[-2]["elapsed_s"]
 
 
 def test_a_tiny_lora_job_trains_uploads_and_deletes_its_weights(capsys, jobs_env, s3_options, bucket):
