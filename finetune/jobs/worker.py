@@ -2,7 +2,8 @@
 
 A worker runs one job at a time (Celery's solo pool, concurrency 1), each in a child process
 `python -m finetune.cli job <flags>`: what `tune job` runs, so the job's status.json, events.jsonl,
-upload and exit status are the same as when it is started by hand. `--gpus 0,1` gives the worker's
+upload and exit status are the same as when it is started by hand. The job's output goes to
+`<jobs_dir>/<user_id>/<job_id>.log` and is copied to the worker's stderr. `--gpus 0,1` gives the worker's
 jobs CUDA_VISIBLE_DEVICES=0,1; run one worker per GPU set.
 
 What an operator can count on:
@@ -28,7 +29,6 @@ Celery is the optional `worker` extra: it is imported inside functions, so `tune
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import json
 import os
@@ -37,8 +37,9 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from finetune.errors import UserError
 from finetune.jobs import events, storage
@@ -229,6 +230,12 @@ def run_worker(options: argparse.Namespace) -> int:
 # Running one job -------------------------------------------------------------------------------------
 
 
+def job_log(output_dir: Path) -> Path:
+    """Where a queued job's output goes: `<job folder>.log` beside the folder, so the folder (and
+    its upload) holds only what the job itself writes there; every attempt appends."""
+    return output_dir.parent / f"{output_dir.name}.log"
+
+
 def _prctl() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -274,7 +281,7 @@ class JobRunner:
                 ),
             )
         else:
-            code, error = self.run_child(argv)
+            code, error = self.run_child(argv, job_log(output_dir))
         state = state_for(code)
         if code == 3:  # trained; the job_end record says whether the upload or the deletion failed
             uploaded = (_last_record(output_dir) or {}).get("uploaded_to")
@@ -297,38 +304,42 @@ class JobRunner:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         return env
 
-    def run_child(self, argv: Sequence[str]) -> tuple[int, Optional[str]]:
+    def run_child(self, argv: Sequence[str], log_path: Path) -> tuple[int, Optional[str]]:
         """Run `tune job <argv>`; its exit status (128 + N when signal N killed it) and its error line.
 
-        The child has its own session, so a Ctrl-C at the worker's terminal reaches it only as the
-        worker's SIGTERM; its stderr is copied to the worker's.
+        The child writes its output to `log_path`, which the worker follows and copies to its own
+        stderr: a pipe to the worker would break when the worker dies and take the job with it.
+        It has its own session, so a Ctrl-C at the worker's terminal reaches it only as the
+        worker's SIGTERM.
         """
         command = [sys.executable, "-m", "finetune.cli", "job", *argv]
-        proc = subprocess.Popen(
-            command,
-            env=self.child_env(),
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=self._end_with_parent,
-        )
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            start = log.tell()
+            proc = subprocess.Popen(
+                command,
+                env=self.child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=self._end_with_parent,
+            )
         self.child = proc
         if self.stopping:  # the shutdown came between the check and the start
             proc.send_signal(signal.SIGTERM)
-        tail: collections.deque[str] = collections.deque(maxlen=20)
-        assert proc.stderr is not None
-        copier = threading.Thread(target=_copy_lines, args=(proc.stderr, tail), daemon=True)
-        copier.start()
+        follower = threading.Thread(target=_follow, args=(log_path, start, proc), daemon=True)
+        follower.start()
         try:
             code = proc.wait()
         finally:
             self.child = None
             if proc.poll() is None:  # the worker is leaving in a hurry (cold shutdown)
                 proc.send_signal(signal.SIGTERM)
-        copier.join(timeout=10)
+        follower.join(timeout=10)
         if code < 0:
             name = signal.Signals(-code).name
             return 128 - code, f"the job's process was killed by {name} (out of memory, or stopped by hand)"
-        return code, _error_line(tail)
+        return code, _error_line(_tail(log_path, start))
 
     def _end_with_parent(self) -> None:
         # In the child, before exec: SIGTERM when the worker dies, however it dies.
@@ -336,14 +347,28 @@ class JobRunner:
             self._prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _copy_lines(stream: IO[bytes], tail: collections.deque) -> None:
+def _follow(path: Path, offset: int, proc: subprocess.Popen) -> None:
+    """Copy what the job writes to `path` (from `offset`) to the worker's stderr until it ends."""
     out = sys.__stderr__
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", "replace")
-        tail.append(line.rstrip("\r\n"))
-        if out is not None:
-            out.write(line)
-            out.flush()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            ended = proc.poll() is not None
+            chunk = f.read()
+            if chunk and out is not None:
+                out.write(chunk.decode("utf-8", "replace"))
+                out.flush()
+            if ended:
+                return
+            if not chunk:
+                time.sleep(0.2)
+
+
+def _tail(path: Path, offset: int, size: int = 1 << 16) -> list[str]:
+    """The last lines the job wrote to `path` after `offset`."""
+    with open(path, "rb") as f:
+        f.seek(max(offset, f.seek(0, os.SEEK_END) - size))
+        return f.read().decode("utf-8", "replace").splitlines()[-20:]
 
 
 def _error_line(tail: Sequence[str]) -> Optional[str]:

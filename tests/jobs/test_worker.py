@@ -2,7 +2,7 @@
 process. The end-to-end tests run a tiny full fine-tune, a tiny LoRA and the dummy through one
 worker with uploads to a local S3 server (moto), and SIGTERM a worker mid-job: the job ends
 preempted with a checkpoint, goes back on the queue, and the next worker's resume ends with the
-weights of an uninterrupted run of the same job, bit for bit."""
+weights of an uninterrupted run of the same job, bit for bit; a SIGKILLed worker's job is not lost."""
 
 from __future__ import annotations
 
@@ -152,11 +152,11 @@ def worker_env(tmp_path, aws_env, s3_endpoint) -> dict:
 
 
 @contextlib.contextmanager
-def tune_worker(broker: str, jobs_dir: Path, env: dict, log: Path) -> Iterator[subprocess.Popen]:
+def tune_worker(broker: str, jobs_dir: Path, env: dict, log: Path, *flags: str) -> Iterator[subprocess.Popen]:
     """A `tune worker` process; stopped (SIGTERM, then SIGKILL) if the test has not stopped it."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune.cli", "worker", "--broker", broker, "--jobs_dir", str(jobs_dir)],
+            [sys.executable, "-m", "finetune.cli", "worker", "--broker", broker, "--jobs_dir", str(jobs_dir), *flags],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -294,3 +294,34 @@ def test_sigterm_to_a_worker_preempts_its_job_and_the_next_worker_resumes_it_exa
     final = weights(jobs / preempted / f"step_{steps}")
     assert final and final == weights(jobs / reference / f"step_{steps}")
     assert final != weights(jobs / preempted / f"step_{stopped_at}")  # the resumed attempt trained on
+
+
+@pytest.mark.slow
+def test_a_killed_workers_job_checkpoints_and_comes_back_after_the_visibility_timeout(tmp_path, redis_url, worker_env):
+    steps = 40
+    job_id = submit(redis_url, worker_env, "--job_config_name", "tiny_full", *TINY, "--user_id", "ops",
+                    "--override", *FAST, f"max_steps_per_epoch={steps}")  # fmt: skip
+    output_dir = tmp_path / "jobs" / "ops" / job_id
+    log = tmp_path / "worker.log"
+    soon = ("--visibility_timeout", "2")
+    with tune_worker(redis_url, tmp_path / "jobs", worker_env, log, *soon) as worker:
+        wait_for_step(output_dir, 3, log)
+        worker.kill()  # no warm shutdown: the message stays unacknowledged
+        worker.wait()
+    deadline = time.monotonic() + 120  # the job's process, told by SIGTERM that its worker died, checkpoints
+    while json.loads((output_dir / "status.json").read_text())["state"] != "preempted":
+        assert time.monotonic() < deadline, (output_dir / "status.json").read_text()
+        time.sleep(0.1)
+    saved = json.loads((output_dir / "status.json").read_text())["last_checkpoint"]
+    assert saved and int(Path(saved).name.removeprefix("step_")) < steps
+    assert queued(redis_url) == []  # taken, not acknowledged: only the visibility timeout brings it back
+    time.sleep(3)
+    with tune_worker(redis_url, tmp_path / "jobs", worker_env, log, *soon):
+        state, result = outcome(redis_url, job_id, log)
+    assert state == "SUCCESS", result
+    records = read_events(output_dir)
+    assert [r["state"] for r in records if r["kind"] == "job_end"] == ["preempted", "done"]
+    resumed_from = int(Path(saved).name.removeprefix("step_"))
+    assert [r["step"] for r in records if r["kind"] == "step"][-(steps - resumed_from) :][0] == resumed_from + 1
+    assert "Traceback" not in (output_dir.parent / f"{job_id}.log").read_text()
+    assert (output_dir / f"step_{steps}" / "model.safetensors").is_file()
