@@ -273,21 +273,18 @@ class JobRunner:
         if self.stopping:  # shutting down already: the job goes back to the queue untouched
             raise Reject("the worker is shutting down", requeue=True)
         if self.gpus is not None and spec.num_gpus > len(self.gpus):
-            code, error = (
-                2,
-                (
-                    f"--num_gpus {spec.num_gpus} is more than this worker's {len(self.gpus)} GPU(s) "
-                    f"({','.join(self.gpus)}); queue the job for a worker started with more --gpus"
-                ),
-            )
+            code, said, last = 2, self._too_many_gpus(spec.num_gpus), None
         else:
-            code, error = self.run_child(argv, job_log(output_dir))
+            code, said, last = self.run_child(argv, job_log(output_dir))
         state = state_for(code)
         if code == 3:  # trained; the job_end record says whether the upload or the deletion failed
             uploaded = (_last_record(output_dir) or {}).get("uploaded_to")
             state = "done, uploaded, weights kept" if uploaded else "done, not uploaded"
-        status = storage.read_json(output_dir / "status.json") or {}
-        error = (status.get("error") or error) if code not in (0, PREEMPTED, STOPPED) else None
+        error = None
+        if code not in (0, PREEMPTED, STOPPED):
+            status = storage.read_json(output_dir / "status.json") or {}
+            # This attempt's `error:` line first: status.json may still hold an earlier attempt's.
+            error = said or status.get("error") or last or f"exit status {code}"
         if code not in (0, 3, PREEMPTED, STOPPED):
             record_unrecorded_end(output_dir, error or f"exit status {code}", code)
         result.update(state=state, exit_status=code, results_url=spec.results_location(), error=error)
@@ -298,14 +295,22 @@ class JobRunner:
             raise JobFailed(f"job {spec.job_id}: {state} (exit status {code})" + (f": {error}" if error else ""))
         return result
 
+    def _too_many_gpus(self, num_gpus: int) -> str:
+        gpus = self.gpus or []
+        return (
+            f"--num_gpus {num_gpus} is more than this worker's {len(gpus)} GPU(s) ({','.join(gpus)}); "
+            "queue the job for a worker started with more --gpus"
+        )
+
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         return env
 
-    def run_child(self, argv: Sequence[str], log_path: Path) -> tuple[int, Optional[str]]:
-        """Run `tune job <argv>`; its exit status (128 + N when signal N killed it) and its error line.
+    def run_child(self, argv: Sequence[str], log_path: Path) -> tuple[int, Optional[str], Optional[str]]:
+        """Run `tune job <argv>`; its exit status (128 + N when signal N killed it), its `error:`
+        line (or how it was killed) and its last line (a traceback's last), each None if absent.
 
         The child writes its output to `log_path`, which the worker follows and copies to its own
         stderr: a pipe to the worker would break when the worker dies and take the job with it.
@@ -338,8 +343,8 @@ class JobRunner:
         follower.join(timeout=10)
         if code < 0:
             name = signal.Signals(-code).name
-            return 128 - code, f"the job's process was killed by {name} (out of memory, or stopped by hand)"
-        return code, _error_line(_tail(log_path, start))
+            return 128 - code, f"the job's process was killed by {name} (out of memory, or stopped by hand)", None
+        return (code, *_error_and_last_line(_tail(log_path, start)))
 
     def _end_with_parent(self) -> None:
         # In the child, before exec: SIGTERM when the worker dies, however it dies.
@@ -371,12 +376,12 @@ def _tail(path: Path, offset: int, size: int = 1 << 16) -> list[str]:
         return f.read().decode("utf-8", "replace").splitlines()[-20:]
 
 
-def _error_line(tail: Sequence[str]) -> Optional[str]:
-    """The job's `error:` line, else its last line (a traceback's last), else None."""
-    lines = [line.rsplit("\r", 1)[-1].strip() for line in tail]
+def _error_and_last_line(tail: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+    """The job's last `error:` line (without the prefix) and its last line; None where absent."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in tail]  # a progress bar's last state
     lines = [line for line in lines if line]
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
-    return errors[-1] if errors else (lines[-1] if lines else None)
+    return (errors[-1] if errors else None), (lines[-1] if lines else None)
 
 
 def record_unrecorded_end(output_dir: Path, error: str, code: int) -> None:

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from finetune.jobs.worker import JobRunner, celery_app, record_unrecorded_end
+from finetune.jobs.worker import JobFailed, JobRunner, celery_app, record_unrecorded_end
 from tests.cli_helpers import error_line, run
 from tests.jobs.helpers import assert_uploaded, read_events, tree_bytes
 
@@ -112,6 +112,16 @@ def test_the_worker_gives_its_jobs_its_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
     assert JobRunner(["0", "1"]).child_env()["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert JobRunner().child_env()["CUDA_VISIBLE_DEVICES"] == "7"
+
+
+def test_a_job_asking_for_more_gpus_than_the_worker_has_fails_with_its_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_JOBS_DIR", str(tmp_path))
+    argv = ["--job_config_name", "dummy", "--job_id", "big", "--user_id", "u", "--num_gpus", "2"]
+    with pytest.raises(JobFailed, match=r"job big: failed \(exit status 2\): --num_gpus 2 is more than .* 1 GPU"):
+        JobRunner(["3"]).run(task=None, argv=argv)
+    status = json.loads((tmp_path / "u" / "big" / "status.json").read_text())
+    assert status["state"] == "failed" and "queue the job for a worker started with more --gpus" in status["error"]
+    assert [r["kind"] for r in read_events(tmp_path / "u" / "big")] == ["error", "job_end"]
 
 
 def test_a_job_that_died_without_recording_its_end_gets_one(tmp_path):
