@@ -2,6 +2,7 @@
 and exit 2, and whole jobs in process: a tiny LoRA run and the dummy uploaded to a local S3
 server (moto), the weights deleted after a verified upload, a dataset fetched from s3://."""
 
+import hashlib
 import json
 import os
 import re
@@ -169,6 +170,13 @@ def test_a_tiny_lora_job_trains_uploads_and_deletes_its_weights(capsys, jobs_env
     records = read_events(output_dir)
     assert [r["kind"] for r in records[-2:]] == ["upload", "job_end"] and records[-2]["url"] == url
     assert records[0]["job_id"] == "lora1"
+    # events.jsonl went up again after its job_end; the manifest still lists the deleted weights
+    events_bytes = (output_dir / "events.jsonl").read_bytes()
+    assert remote["events.jsonl"] == events_bytes
+    listed = {e["path"]: e for e in json.loads(remote["_manifest.json"])["files"]}
+    assert listed["events.jsonl"]["sha256"] == hashlib.sha256(events_bytes).hexdigest()
+    assert {k for k in remote if k.endswith(".safetensors")} <= listed.keys()
+    assert json.loads((output_dir / "_manifest.json").read_bytes()) == json.loads(remote["_manifest.json"])
     assert json.loads((output_dir / "status.json").read_text())["state"] == "done"
 
 
