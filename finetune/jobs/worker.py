@@ -14,7 +14,7 @@ What an operator can count on:
   its worker dies, even by SIGKILL, so it saves a checkpoint on its way out.
 - SIGTERM (or Ctrl-C) to a worker is a warm shutdown: the running job gets SIGTERM, saves a
   checkpoint after the step in progress and ends `preempted` (exit 143); the worker puts the job
-  back at the head of the queue and exits. The worker that takes it next resumes it, since a job's
+  back on the queue and exits. The worker that takes it next resumes it, since a job's
   folder holds its record and checkpoints (finetune/jobs/job.py): resuming needs the same jobs
   folder, on the same machine or a shared file system.
 - Each job's outcome is its Celery result, kept under the job id: SUCCESS with {job_id, user_id,
