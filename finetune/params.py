@@ -13,10 +13,11 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -108,6 +109,45 @@ def _check_field_types(params: Any) -> None:
             raise UserError(f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}")
 
 
+def _checked_resume_from(value: bool | str, output_dir: str) -> bool | str:
+    """true/false, or the `step_<N>` name of a checkpoint in output_dir (a path to one is cut to its name)."""
+    if isinstance(value, bool):
+        return value
+    path = Path(value.strip()).expanduser()
+    _require(
+        re.fullmatch(r"step_\d+", path.name) is not None,
+        f"resume_from_checkpoint={value!r} is not understood; write true (the newest checkpoint in output_dir), "
+        "false, or step_<N> (that checkpoint of output_dir, e.g. step_40)",
+    )
+    _require(
+        len(path.parts) == 1 or path.parent.resolve() == resolve_path(output_dir).resolve(),
+        f"resume_from_checkpoint={value} is not in output_dir {output_dir}; a run resumes only its own "
+        "checkpoints: set output_dir to that run's folder, or start from those weights with checkpoint_dir",
+    )
+    return path.name
+
+
+def _check_output_dir_apart(params: FullFinetuneParams) -> None:
+    """Refuse an output_dir that is, or is inside, a folder the run reads (the model's, the
+    tokenizer's, a dataset folder) or the folder of a dataset file: checkpoints, metrics and
+    params.yaml would be written among the source files."""
+    out = resolve_path(params.output_dir).resolve()
+    for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset"):
+        value = getattr(params, key)
+        source = resolve_path(value) if value else None
+        if source is None or not source.exists():  # a Hub dataset name, or a path checked when read
+            continue
+        source = source.resolve()
+        folder, inside_too = (source, True) if source.is_dir() else (source.parent, False)
+        if out == folder or (inside_too and folder in out.parents):
+            where = "is" if out == folder else "is inside"
+            what = "the folder" if source.is_dir() else "the folder of"
+            raise UserError(
+                f"output_dir {params.output_dir} {where} {what} {key}={value}: the run would write its "
+                "checkpoints and logs among those files; choose an output_dir outside it"
+            )
+
+
 # Fields naming local files or folders a run reads, which `tune validate` looks for.
 _PATH_KEYS = (
     "checkpoint_dir",
@@ -179,6 +219,8 @@ class ParamsIO:
 
 
 MODEL_HELP = "model: a registry name (e.g. llama3_1_8b, tiny) or auto to read it from the checkpoint"
+RESUME_HELP = "true: continue from the newest complete step_<N> in output_dir; step_<N>: from that one"
+ResumeFrom = Union[bool, str]
 
 # Each choice list is defined once, beside the code that acts on it; the Literal types of the
 # fields are built from those lists, so `--help`, the parser and the checks here read the same one.
@@ -247,7 +289,7 @@ class FullFinetuneParams(ParamsIO):
     )
     # Output
     output_dir: str = param("output", "where checkpoints, metrics and status.json go")
-    resume_from_checkpoint: bool = param(False, "continue from the newest complete checkpoint")
+    resume_from_checkpoint: ResumeFrom = param(False, RESUME_HELP)
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also each epoch end)")
     keep_last_n_checkpoints: Optional[int] = param(None, "delete older checkpoints; none = keep all")
     log_every_n_steps: int = param(1, "write metrics every N steps")
@@ -312,6 +354,8 @@ class FullFinetuneParams(ParamsIO):
             "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        self.resume_from_checkpoint = _checked_resume_from(self.resume_from_checkpoint, self.output_dir)
+        _check_output_dir_apart(self)
 
 
 @dataclass
@@ -367,7 +411,7 @@ class DummyParams(ParamsIO):
     log_every_n_steps: int = param(1, "write metrics every N steps")
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also at the end)")
     step_time_s: float = param(0.0, "seconds each fake step takes, to watch heartbeats or try a preemption")
-    resume_from_checkpoint: bool = param(False, "continue after the newest step_<N> in output_dir")
+    resume_from_checkpoint: ResumeFrom = param(False, RESUME_HELP)
     heartbeat_interval_s: float = heartbeat_param()
     events_webhook: Optional[str] = events_webhook_param()
     events_redis_url: Optional[str] = events_redis_url_param()
@@ -386,6 +430,7 @@ class DummyParams(ParamsIO):
         _require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
         _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        self.resume_from_checkpoint = _checked_resume_from(self.resume_from_checkpoint, self.output_dir)
 
     @property
     def steps_per_epoch(self) -> int:
