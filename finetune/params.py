@@ -146,6 +146,12 @@ def _check_output_dir_apart(params: FullFinetuneParams) -> None:
                 f"output_dir {params.output_dir} {where} {what} {key}={value}: the run would write its "
                 "checkpoints and logs among those files; choose an output_dir outside it"
             )
+        if key == "checkpoint_dir" and source.parent == out and re.fullmatch(r"step_\d+", source.name):
+            raise UserError(
+                f"checkpoint_dir={value} is a checkpoint of output_dir {params.output_dir}, which this run's saves "
+                "and keep_last_n_checkpoints replace or delete; copy it out of output_dir first, or choose "
+                "another output_dir"
+            )
 
 
 # Fields naming local files or folders a run reads, which `tune validate` looks for.

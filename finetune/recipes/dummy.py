@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from finetune.checkpointing.atomic import atomic_directory, latest_checkpoint
+from finetune.checkpointing.atomic import atomic_directory
+from finetune.checkpointing.recipe_state import choose_checkpoint
 from finetune.params import DummyParams
 from finetune.recipes import recipe_main, run_recipe
 from finetune.training.distributed import all_reduce_sum
@@ -52,7 +53,7 @@ class DummyRecipe:
         dist = self.run.dist
         print(f"dummy: rank {dist.rank} of {dist.world_size}", flush=True)
         if self.params.resume_from_checkpoint:
-            self.step = _step_of(latest_checkpoint(self.run.output_dir))
+            self.step = _step_of(choose_checkpoint(self.run.output_dir, self.params.resume_from_checkpoint))
         if self.run.rank_zero:
             self.params.to_yaml(self.run.output_dir / "params.yaml")
 

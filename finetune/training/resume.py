@@ -102,7 +102,7 @@ def plan_resume(
         return None
     check_checkpoint_kind(checkpoint, lora=adapter_settings is not None)
     state = read_recipe_state(checkpoint)
-    saved = read_saved_params(checkpoint)
+    saved = _saved_params(checkpoint)
     check_resume_settings(checkpoint, params, (*DATA_ORDER_KEYS, *MODEL_KEYS, *(adapter_settings or ())), saved)
     saved_world = len(state["rng_states"])  # one per rank
     if saved_world != world_size:
@@ -116,6 +116,19 @@ def plan_resume(
         log(note)
     log(f"resuming from {checkpoint} (step {state['global_step']})")
     return ResumePoint(checkpoint, state, saved)
+
+
+def _saved_params(checkpoint: Path) -> dict[str, Any]:
+    """The settings `checkpoint` was trained with: its params.yaml, else the run's own (written at
+    its start); with neither the settings cannot be checked, and the resume is refused."""
+    for folder in (checkpoint, checkpoint.parent):
+        saved = read_saved_params(folder)
+        if saved:
+            return saved
+    raise UserError(
+        f"{checkpoint} has no params.yaml (nor has {checkpoint.parent}), so this run's settings cannot be checked "
+        "against the ones it was trained with; restore the file, or start a new run in another output_dir"
+    )
 
 
 def read_recipe_state(checkpoint: Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ there), else the demo's own file in the installed finetune package."""
 from pathlib import Path
 from typing import Any
 
+import finetune  # the harness imports this file by path, outside any package
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -12,9 +14,7 @@ def heldout_file() -> Path:
     beside = HERE / "heldout.jsonl"
     if beside.is_file():
         return beside
-    import finetune.data.demo  # the harness imports this file by path, outside any package
-
-    return Path(finetune.data.demo.__file__).resolve().parent / "heldout.jsonl"
+    return Path(finetune.__file__).resolve().parent / "data" / "demo" / "heldout.jsonl"
 
 
 def load_heldout(**_: Any) -> dict[str, Any]:
