@@ -25,7 +25,7 @@ from finetune.checkpointing.formats import CHECKPOINT_FORMATS
 from finetune.config.coercion import describe_type, matches_type
 from finetune.config.parser import TuneArgumentParser
 from finetune.data.dataset import DatasetType
-from finetune.data.sources import FILE_SUFFIXES
+from finetune.data.sources import FILE_SUFFIXES, parse_split
 from finetune.data.templates import get_template
 from finetune.errors import UserError
 from finetune.models import MODEL_NAMES
@@ -360,6 +360,8 @@ class FullFinetuneParams(ParamsIO):
             "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        parse_split(self.split)  # a malformed slice, or a percentage past 100%, before anything starts
+        parse_split(self.eval_split, "eval_split")
         self.resume_from_checkpoint = _checked_resume_from(self.resume_from_checkpoint, self.output_dir)
         _check_output_dir_apart(self)
 
@@ -575,6 +577,11 @@ class QuantizeParams(ParamsIO):
         _require(
             resolve_path(self.output_dir).resolve() != resolve_path(self.checkpoint_dir).resolve(),  # type: ignore[arg-type]
             "output_dir is checkpoint_dir: the quantized model would replace the original; choose another output_dir",
+        )
+        _require(
+            resolve_path(self.checkpoint_dir).resolve() not in resolve_path(self.output_dir).resolve().parents,  # type: ignore[arg-type]
+            f"output_dir {self.output_dir} is inside checkpoint_dir={self.checkpoint_dir}: the quantized model would "
+            "be written among the original's files; choose an output_dir outside it",
         )
 
 

@@ -137,7 +137,11 @@ def load_recipe_state(
         ) from None
     except Exception:  # torch raises assorted types for a damaged archive
         raise UserError(f"cannot read recipe state {path} (it is truncated or damaged); {advice}") from None
-    version = state.get("format_version") if isinstance(state, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(
+            f"cannot read recipe state {path} (it holds a {type(state).__name__}, not a recipe state); {advice}"
+        )
+    version = state.get("format_version")
     if version != RECIPE_STATE_VERSION:
         raise UserError(
             f"recipe state {path} has format version {version}, this library reads {RECIPE_STATE_VERSION}; "

@@ -59,7 +59,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
             line = key_node.start_mark.line + 1
             if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and {line})", line)
+                lines = f"line {line}" if seen[key] == line else f"lines {seen[key]} and {line}"
+                raise _DuplicateKey(f"key '{key}' is given twice ({lines})", line)
             if isinstance(key, (str, int, float, bool)):
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
