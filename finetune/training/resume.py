@@ -194,8 +194,15 @@ _HOW_HONOURED = {
 
 
 def steering_notes(checkpoint: Path, saved: dict[str, Any], params: Any) -> list[str]:
-    """A line for each steering setting changed since `checkpoint`: these are honoured."""
+    """A line for each steering setting changed since `checkpoint` (these are honoured), and for
+    each source path that moved (the saved one is gone)."""
     notes = []
+    for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset"):
+        old, new = saved.get(key), getattr(params, key, None)
+        if isinstance(old, str) and isinstance(new, str) and old != new and not changed_settings(saved, params, [key]):
+            notes.append(
+                f"note: {key} is {new} (was {old} up to {checkpoint.name}, which no longer exists): read as moved"
+            )
     for key in changed_settings(saved, params, STEERING_KEYS):
         how = _HOW_HONOURED.get(key, "the schedule is recomputed from the saved step on")
         notes.append(f"note: {key} is {getattr(params, key)!r} (was {saved[key]!r} up to {checkpoint.name}): {how}")
