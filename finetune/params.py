@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 from finetune.checkpointing.formats import CHECKPOINT_FORMATS
 from finetune.config.coercion import describe_type, matches_type
 from finetune.config.parser import TuneArgumentParser
+from finetune.config.paths import check_output_dir_apart, checked_resume_from
 from finetune.data.dataset import DatasetType
 from finetune.data.sources import FILE_SUFFIXES, parse_split
 from finetune.data.templates import get_template
@@ -107,51 +107,6 @@ def _check_field_types(params: Any) -> None:
             raise UserError(f"{e}{hint}") from None
         if not matches_type(value, expected):
             raise UserError(f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}")
-
-
-def _checked_resume_from(value: bool | str, output_dir: str) -> bool | str:
-    """true/false, or the `step_<N>` name of a checkpoint in output_dir (a path to one is cut to its name)."""
-    if isinstance(value, bool):
-        return value
-    path = Path(value.strip()).expanduser()
-    _require(
-        re.fullmatch(r"step_\d+", path.name) is not None,
-        f"resume_from_checkpoint={value!r} is not understood; write true (the newest checkpoint in output_dir), "
-        "false, or step_<N> (that checkpoint of output_dir, e.g. step_40)",
-    )
-    _require(
-        len(path.parts) == 1 or path.parent.resolve() == resolve_path(output_dir).resolve(),
-        f"resume_from_checkpoint={value} is not in output_dir {output_dir}; a run resumes only its own "
-        "checkpoints: set output_dir to that run's folder, or start from those weights with checkpoint_dir",
-    )
-    return path.name
-
-
-def _check_output_dir_apart(params: FullFinetuneParams) -> None:
-    """Refuse an output_dir that is, or is inside, a folder the run reads (the model's, the
-    tokenizer's, a dataset folder) or the folder of a dataset file: checkpoints, metrics and
-    params.yaml would be written among the source files."""
-    out = resolve_path(params.output_dir).resolve()
-    for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset"):
-        value = getattr(params, key)
-        source = resolve_path(value) if value else None
-        if source is None or not source.exists():  # a Hub dataset name, or a path checked when read
-            continue
-        source = source.resolve()
-        folder, inside_too = (source, True) if source.is_dir() else (source.parent, False)
-        if out == folder or (inside_too and folder in out.parents):
-            where = "is" if out == folder else "is inside"
-            what = "the folder" if source.is_dir() else "the folder of"
-            raise UserError(
-                f"output_dir {params.output_dir} {where} {what} {key}={value}: the run would write its "
-                "checkpoints and logs among those files; choose an output_dir outside it"
-            )
-        if key == "checkpoint_dir" and source.parent == out and re.fullmatch(r"step_\d+", source.name):
-            raise UserError(
-                f"checkpoint_dir={value} is a checkpoint of output_dir {params.output_dir}, which this run's saves "
-                "and keep_last_n_checkpoints replace or delete; copy it out of output_dir first, or choose "
-                "another output_dir"
-            )
 
 
 # Fields naming local files or folders a run reads, which `tune validate` looks for.
@@ -362,8 +317,10 @@ class FullFinetuneParams(ParamsIO):
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
         parse_split(self.split)  # a malformed slice, or a percentage past 100%, before anything starts
         parse_split(self.eval_split, "eval_split")
-        self.resume_from_checkpoint = _checked_resume_from(self.resume_from_checkpoint, self.output_dir)
-        _check_output_dir_apart(self)
+        output_dir = resolve_path(self.output_dir)
+        self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, output_dir)
+        sources = {key: getattr(self, key) for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset")}
+        check_output_dir_apart(output_dir, {k: (v, resolve_path(v)) for k, v in sources.items() if v})
 
 
 @dataclass
@@ -438,7 +395,7 @@ class DummyParams(ParamsIO):
         _require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
         _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
-        self.resume_from_checkpoint = _checked_resume_from(self.resume_from_checkpoint, self.output_dir)
+        self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, resolve_path(self.output_dir))
 
     @property
     def steps_per_epoch(self) -> int:
