@@ -59,12 +59,6 @@ class EleutherEvalRecipe:
         inference = prepare_inference(p)
         self.device, self.dtype = inference.device, inference.dtype
         self.model_args, self.tokenizer = inference.model_args, inference.tokenizer
-        if p.max_seq_len is not None and p.max_seq_len > self.model_args.max_seq_len:
-            raise UserError(
-                f"max_seq_len={p.max_seq_len} exceeds the {self.model_args.max_seq_len} positions the model in "
-                f"{inference.checkpoint_dir} was built for (max_position_embeddings); set max_seq_len="
-                f"{self.model_args.max_seq_len} or less, or none for the model's"
-            )
         if inference.quantization is not None:
             record = inference.quantization
             self.log(f"quantized checkpoint: {record['scheme']}, computing in {record['dtype']}")

@@ -14,7 +14,6 @@ import torch
 
 from finetune.checkpointing.output_lock import LOCK_FILE
 from finetune.cli import main
-from finetune.training.metrics import drop_records_after
 from tests.cli_helpers import error_line
 from tests.recipes.helpers import as_argv, assert_same_tensors, metrics, tune
 
@@ -240,6 +239,8 @@ def test_leftovers_of_killed_saves_are_removed_at_the_next_start(capsys, run_dir
 
 
 def test_drop_records_after_keeps_earlier_steps_and_drops_a_cut_line(tmp_path):
+    from finetune.training.metrics import drop_records_after  # here: the other tests also run on older code
+
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 2, 3)] + ['{"step": 4, "lo']
     path.write_text("\n".join(lines))
