@@ -8,7 +8,7 @@ from pathlib import Path
 
 from finetune.errors import UserError
 
-STEP_NAME = re.compile(r"^step_\d+$")
+STEP_NAME = re.compile(r"^step_(\d+)$")  # a checkpoint folder; the group is its step
 
 
 def checked_resume_from(value: bool | str, output_dir: Path) -> bool | str:

@@ -14,7 +14,6 @@ clip_grad_norm) is honoured by `steer_optimizer` and said in the log.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -31,9 +30,8 @@ from finetune.checkpointing.recipe_state import (
     load_recipe_state,
     read_saved_params,
 )
+from finetune.config.paths import STEP_NAME
 from finetune.errors import UserError
-
-STEP_NAME = re.compile(r"^step_(\d+)$")
 
 # Which samples each step trains on: the saved position is steps x samples per step into an order
 # fixed by these, so with one changed the rest of the run would repeat some samples and skip others.
