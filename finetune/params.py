@@ -16,15 +16,16 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
 from finetune.checkpointing.formats import CHECKPOINT_FORMATS
 from finetune.config.coercion import describe_type, matches_type
 from finetune.config.parser import TuneArgumentParser
+from finetune.config.paths import check_output_dir_apart, checked_resume_from
 from finetune.data.dataset import DatasetType
-from finetune.data.sources import FILE_SUFFIXES
+from finetune.data.sources import FILE_SUFFIXES, parse_split
 from finetune.data.templates import get_template
 from finetune.errors import UserError
 from finetune.models import MODEL_NAMES
@@ -179,6 +180,8 @@ class ParamsIO:
 
 
 MODEL_HELP = "model: a registry name (e.g. llama3_1_8b, tiny) or auto to read it from the checkpoint"
+RESUME_HELP = "true: continue from the newest complete step_<N> in output_dir; step_<N>: from that one"
+ResumeFrom = Union[bool, str]
 
 # Each choice list is defined once, beside the code that acts on it; the Literal types of the
 # fields are built from those lists, so `--help`, the parser and the checks here read the same one.
@@ -247,7 +250,7 @@ class FullFinetuneParams(ParamsIO):
     )
     # Output
     output_dir: str = param("output", "where checkpoints, metrics and status.json go")
-    resume_from_checkpoint: bool = param(False, "continue from the newest complete checkpoint")
+    resume_from_checkpoint: ResumeFrom = param(False, RESUME_HELP)
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also each epoch end)")
     keep_last_n_checkpoints: Optional[int] = param(None, "delete older checkpoints; none = keep all")
     log_every_n_steps: int = param(1, "write metrics every N steps")
@@ -312,6 +315,12 @@ class FullFinetuneParams(ParamsIO):
             "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        parse_split(self.split)  # a malformed slice, or a percentage past 100%, before anything starts
+        parse_split(self.eval_split, "eval_split")
+        output_dir = resolve_path(self.output_dir)
+        self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, output_dir)
+        sources = {key: getattr(self, key) for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset")}
+        check_output_dir_apart(output_dir, {k: (v, resolve_path(v)) for k, v in sources.items() if v})
 
 
 @dataclass
@@ -367,7 +376,7 @@ class DummyParams(ParamsIO):
     log_every_n_steps: int = param(1, "write metrics every N steps")
     save_every_n_steps: Optional[int] = param(None, "checkpoint every N steps (also at the end)")
     step_time_s: float = param(0.0, "seconds each fake step takes, to watch heartbeats or try a preemption")
-    resume_from_checkpoint: bool = param(False, "continue after the newest step_<N> in output_dir")
+    resume_from_checkpoint: ResumeFrom = param(False, RESUME_HELP)
     heartbeat_interval_s: float = heartbeat_param()
     events_webhook: Optional[str] = events_webhook_param()
     events_redis_url: Optional[str] = events_redis_url_param()
@@ -386,6 +395,7 @@ class DummyParams(ParamsIO):
         _require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
         _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, resolve_path(self.output_dir))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -524,6 +534,11 @@ class QuantizeParams(ParamsIO):
         _require(
             resolve_path(self.output_dir).resolve() != resolve_path(self.checkpoint_dir).resolve(),  # type: ignore[arg-type]
             "output_dir is checkpoint_dir: the quantized model would replace the original; choose another output_dir",
+        )
+        _require(
+            resolve_path(self.checkpoint_dir).resolve() not in resolve_path(self.output_dir).resolve().parents,  # type: ignore[arg-type]
+            f"output_dir {self.output_dir} is inside checkpoint_dir={self.checkpoint_dir}: the quantized model would "
+            "be written among the original's files; choose an output_dir outside it",
         )
 
 

@@ -3,7 +3,8 @@
 A checkpoint is written into a hidden sibling (`.step_<N>.tmp-<pid>`), its files and the
 directory are fsynced, and only then is it renamed to `step_<N>`. A run killed at any moment
 leaves earlier checkpoints untouched and no `step_<N>` directory that is partial; the hidden
-leftovers are ignored by `list_checkpoints` and removed by `prune_checkpoints`.
+leftovers are ignored by `list_checkpoints` and removed by `remove_leftovers` (at a run's start,
+and by `prune_checkpoints`).
 """
 
 import contextlib
@@ -57,7 +58,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 # A full disk, a quota, a read-only or forbidden place: the user can fix these, the code cannot.
-_FIXABLE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_FIXABLE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -82,6 +83,12 @@ def atomic_directory(final_dir: Path | str) -> Iterator[Path]:
         _fsync_tree(tmp)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            raise UserError(
+                f"cannot write {final_dir} ({exc.strerror}): the file system or the shell's file-size limit "
+                "(ulimit -f) caps one file's size; raise the limit or choose an output_dir on another file "
+                "system, then run again: nothing saved before was changed"
+            ) from None
         if isinstance(exc, OSError) and exc.errno in _FIXABLE_WRITE_ERRORS:
             raise UserError(
                 f"cannot write {final_dir} ({exc.strerror}); free space or fix permissions there, or choose "
@@ -146,13 +153,35 @@ def prune_checkpoints(output_dir: Path | str, keep_last_n: int) -> list[Path]:
         hidden = root / f".{path.name}.del-{pid}"
         os.replace(path, hidden)
         shutil.rmtree(hidden, ignore_errors=True)
+    remove_leftovers(root)
+    return doomed
+
+
+def remove_leftovers(root: Path | str) -> list[str]:
+    """Delete the hidden temp folders and files (`.step_<N>.tmp-<pid>`, `.status.json.tmp-<pid>`, ...)
+    that killed processes left in `root`; return their names.
+
+    Only for a folder this process holds the run lock on: no other process writes there then.
+    A moved-aside `.old-` folder whose checkpoint is missing is put back, not deleted.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    _restore_moved_aside(root)
+    pid = os.getpid()
+    removed = []
     for child in root.iterdir():
         match = _TEMP_DIR.match(child.name)
-        if not match or not child.is_dir() or int(match.group(3)) == pid:
+        if not match or int(match.group(3)) == pid:
             continue
         name, kind = match.group(1), match.group(2)
         # A moved-aside `.old-` dir is the only copy of its checkpoint until the new one is in place.
         if kind == "old" and not (root / name).exists():
             continue
-        shutil.rmtree(child, ignore_errors=True)
-    return doomed
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                child.unlink()
+        removed.append(child.name)
+    return sorted(removed)

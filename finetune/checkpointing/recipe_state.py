@@ -10,7 +10,9 @@ reads them. RNG states are plain Python values and tensors so that they too load
 
 import logging
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,13 +20,15 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from finetune.checkpointing.atomic import latest_checkpoint, list_checkpoints
+from finetune.checkpointing.atomic import list_checkpoints
 from finetune.checkpointing.output_lock import OutputDirLock, lock_output_dir
+from finetune.checkpointing.torch_files import save_torch_file
 from finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
 RECIPE_STATE_VERSION = 1
+RECIPE_STATE_FILE = "recipe_state.pt"  # its name in a step_<N> folder
 
 try:
     import numpy as np
@@ -103,7 +107,7 @@ def save_recipe_state(path: Path | str, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save({**state, "format_version": RECIPE_STATE_VERSION}, tmp)
+        save_torch_file({**state, "format_version": RECIPE_STATE_VERSION}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -111,17 +115,33 @@ def save_recipe_state(path: Path | str, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_recipe_state(path: Path | str) -> dict[str, Any]:
-    """Read a state written by `save_recipe_state`, on CPU."""
+def load_recipe_state(
+    path: Path | str, mmap: bool = False, advice: str = "resume from another checkpoint"
+) -> dict[str, Any]:
+    """Read a state written by `save_recipe_state`, on CPU (memory-mapped with `mmap`).
+
+    A damaged or foreign file is one line saying so, ending in `advice`; torch's own text (which
+    suggests `weights_only=False`, the one thing not to do with a file of unknown origin) is not shown.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe state file {path} does not exist; resume from a complete checkpoint directory")
+    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 is a zip archive
+        raise UserError(f"cannot read recipe state {path} (it is truncated or damaged); {advice}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read recipe state {path} ({reason}); resume from another checkpoint") from None
-    version = state.get("format_version") if isinstance(state, dict) else None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"cannot read recipe state {path} (it holds objects other than tensors and plain values, so it was "
+            f"not written by finetune, or was altered; it is not loaded); {advice}"
+        ) from None
+    except Exception:  # torch raises assorted types for a damaged archive
+        raise UserError(f"cannot read recipe state {path} (it is truncated or damaged); {advice}") from None
+    if not isinstance(state, dict):
+        raise UserError(
+            f"cannot read recipe state {path} (it holds a {type(state).__name__}, not a recipe state); {advice}"
+        )
+    version = state.get("format_version")
     if version != RECIPE_STATE_VERSION:
         raise UserError(
             f"recipe state {path} has format version {version}, this library reads {RECIPE_STATE_VERSION}; "
@@ -159,16 +179,30 @@ def claim_output_dir(output_dir: Path | str, resume: bool) -> OutputDirLock:
     return lock
 
 
-def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], lora: bool = False) -> Optional[Path]:
-    """The newest complete `step_<N>` in `output_dir`, or None (said once) on a first start.
+def choose_checkpoint(output_dir: Path | str, resume: bool | str = True) -> Optional[Path]:
+    """The `step_<N>` folder `resume` names in `output_dir` (true: the newest), or None when a
+    `true` resume finds none yet. A named step with newer ones beside it is refused: a later
+    `resume_from_checkpoint=true` would pick a newer one, from the abandoned run."""
+    checkpoints = list_checkpoints(output_dir)
+    if resume is True:
+        return checkpoints[-1] if checkpoints else None
+    chosen = next((c for c in checkpoints if c.name == resume), None)
+    if chosen is None:
+        held = f"its checkpoints are {', '.join(c.name for c in checkpoints)}" if checkpoints else "it holds none"
+        raise UserError(f"resume_from_checkpoint={resume}: there is no complete {resume} in {output_dir} ({held})")
+    newer = checkpoints[checkpoints.index(chosen) + 1 :]
+    if newer:
+        raise UserError(
+            f"resume_from_checkpoint={resume}: {output_dir} also holds the newer {', '.join(c.name for c in newer)}, "
+            "which a later resume_from_checkpoint=true would continue instead; move them out of output_dir "
+            "(or delete them), then run again"
+        )
+    return chosen
 
-    A LoRA run's checkpoint holds an adapter and a full run's a model: each resumes only under
-    its own recipe.
-    """
-    checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is None:
-        log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
-        return None
+
+def check_checkpoint_kind(checkpoint: Path, lora: bool) -> None:
+    """A LoRA run's checkpoint holds an adapter and a full run's a model: each resumes only under
+    its own recipe."""
     if (checkpoint / "adapter_config.json").is_file() != lora:
         kind, recipe = (
             ("a LoRA", "lora_finetune_single_device")
@@ -179,24 +213,86 @@ def find_resume_checkpoint(output_dir: Path | str, log: Callable[[str], None], l
             f"{checkpoint} is a checkpoint of {kind} run; resume it with {recipe} (or its _distributed alias), "
             "or choose another output_dir"
         )
+
+
+def find_resume_checkpoint(
+    output_dir: Path | str, log: Callable[[str], None], lora: bool = False, resume: bool | str = True
+) -> Optional[Path]:
+    """The checkpoint `resume` names (true: the newest complete `step_<N>`), or None (said once)
+    on a first start."""
+    checkpoint = choose_checkpoint(output_dir, resume)
+    if checkpoint is None:
+        log(f"resume_from_checkpoint: no checkpoint in {output_dir} yet, starting from step 0")
+        return None
+    check_checkpoint_kind(checkpoint, lora)
     log(f"resuming from {checkpoint}")
     return checkpoint
 
 
-def check_resume_settings(checkpoint: Path, params: Any, keys: Sequence[str]) -> None:
+def read_saved_params(checkpoint: Path) -> dict[str, Any]:
+    """The params.yaml saved in `checkpoint` ({} without one: nothing to compare against)."""
+    path = checkpoint / "params.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(
+            f"{path} is damaged (not YAML), so this run's settings cannot be checked against it; "
+            "restore it, or start a new run in another output_dir"
+        ) from None
+    return saved if isinstance(saved, dict) else {}
+
+
+# Paths a user may have moved since: a saved one that no longer exists is not held against the run.
+_PATH_KEYS = ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset")
+
+
+def changed_settings(saved: dict[str, Any], params: Any, keys: Sequence[str]) -> list[str]:
+    """Which of `keys` `params` sets otherwise than the `saved` params.yaml of a checkpoint."""
+    return [key for key in keys if key in saved and hasattr(params, key) and _differs(key, saved[key], params)]
+
+
+def _differs(key: str, saved: Any, params: Any) -> bool:
+    value = getattr(params, key)
+    if key in _PATH_KEYS and isinstance(saved, str) and isinstance(value, str):
+        if saved.startswith("pkg:") or value.startswith("pkg:"):
+            return saved != value
+        if os.path.normpath(os.path.expanduser(saved)) == os.path.normpath(os.path.expanduser(value)):
+            return False
+        return Path(saved).expanduser().exists()
+    if isinstance(saved, (int, float)) and isinstance(value, (int, float)) and not isinstance(saved, bool):
+        return float(saved) != float(value)
+    return saved != value
+
+
+def as_setting(value: Any) -> str:
+    """A value as it is written on the command line (`key=<this>`)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return str(value)
+
+
+def check_resume_settings(
+    checkpoint: Path, params: Any, keys: Sequence[str], saved: Optional[dict[str, Any]] = None
+) -> None:
     """Refuse settings that changed since `checkpoint` was saved and would change what resumes
-    (an adapter's scale, say): a resumed run continues the same run."""
-    saved_file = checkpoint / "params.yaml"
-    if not saved_file.is_file():
+    (the data order, the model, an adapter's scale): a resumed run continues the same run. One
+    line names the first such key, its saved and its new value (and the other changed keys)."""
+    saved = read_saved_params(checkpoint) if saved is None else saved
+    changed = changed_settings(saved, params, keys)
+    if not changed:
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-    for key in keys:
-        if key in saved and saved[key] != getattr(params, key):
-            raise UserError(
-                f"{key} is {getattr(params, key)!r} but {checkpoint} was trained with {saved[key]!r}; "
-                "a resumed run keeps "
-                f"its settings: set {key}={saved[key]}, or start a new run in another output_dir"
-            )
+    key, others = changed[0], changed[1:]
+    also = f" ({', '.join(others)} changed too)" if others else ""
+    raise UserError(
+        f"{key} is {getattr(params, key)!r} but {checkpoint} was trained with {saved[key]!r}{also}; a resumed run "
+        f"keeps its settings: set {key}={as_setting(saved[key])}, or start a new run in another output_dir"
+    )
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -1,8 +1,10 @@
-"""Reading `torch.save` files (pytorch_model*.bin, consolidated.NN.pth) without running pickled code."""
+"""Reading `torch.save` files (pytorch_model*.bin, consolidated.NN.pth) without running pickled code,
+and writing them so that a full disk is an OSError that names its cause."""
 
 import pickle
 import zipfile
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -52,3 +54,34 @@ def owned_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
         return tensor
     return tensor.clone(memory_format=torch.contiguous_format)
+
+
+class _KeptWriteError:
+    """A binary file that keeps the OSError of a failed write: torch.save reports a full disk or a
+    file-size limit as a RuntimeError about its zip writer, without the errno."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def save_torch_file(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path`; a failed write raises the OSError (ENOSPC, EFBIG, ...) behind it."""
+    with open(path, "wb") as f:
+        writer = _KeptWriteError(f)
+        try:
+            torch.save(obj, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise

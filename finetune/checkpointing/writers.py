@@ -22,7 +22,7 @@ from finetune.checkpointing.model_configs import (
     meta_params_from_model_args,
 )
 from finetune.checkpointing.safetensors_io import save_safetensors
-from finetune.checkpointing.torch_files import owned_tensor
+from finetune.checkpointing.torch_files import owned_tensor, save_torch_file
 from finetune.errors import UserError
 from finetune.models import ModelArgs
 
@@ -258,6 +258,6 @@ def save_meta_checkpoint(
     if args.tie_embeddings:
         tensors["output.weight"] = tensors["tok_embeddings.weight"].clone()
     weights_path = out / "consolidated.00.pth"
-    torch.save(tensors, weights_path)
+    save_torch_file(tensors, weights_path)
     params_path = _write_json(out / META_PARAMS, meta_params_from_model_args(args))
     return [weights_path, params_path]

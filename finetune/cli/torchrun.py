@@ -171,6 +171,9 @@ def check_launcher_args(launcher: Sequence[str]) -> None:
         if action is None:
             suggestion = _suggest_flag(flag, list(options))
             hint = f"; did you mean '{suggestion}'?" if suggestion else ""
+            if not suggestion:  # `tune --lr=0.001 full_finetune`: a recipe setting written as a flag
+                key = flag.lstrip("-").replace("-", "_")
+                hint = f"; a recipe setting goes after the recipe name, without dashes ({key}={value or '...'})"
             raise UserError(f"unknown launcher flag '{flag}'{hint} (tune --help lists the common ones)")
         if flag in _WORKER_START_FLAGS:
             raise UserError(f"{flag}: tune starts each worker on the recipe itself; remove {flag}")

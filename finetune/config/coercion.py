@@ -90,7 +90,14 @@ def _coerce(value: Any, tp: Any) -> Any:
         if value is None:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0])
+        for choice in inner[:-1]:  # `Union[bool, str]`: true/false first, any other word a str
+            try:
+                result = _coerce(value, choice)
+            except (ValueError, TypeError):
+                continue
+            if result is not _INVALID and matches_type(result, choice):
+                return result
+        return _coerce(value, inner[-1])
     if not isinstance(value, str):
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)

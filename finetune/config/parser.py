@@ -33,6 +33,10 @@ FOREIGN_KEYS = {
 }
 
 
+# torchrun's flags, which `tune` takes before the recipe name.
+LAUNCHER_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_endpoint", "standalone")
+
+
 class TuneArgumentParser:
     """Parse `--config X [--override k=v ...] [k=v ...]` into a validated Params dataclass."""
 
@@ -68,8 +72,10 @@ class TuneArgumentParser:
         return "\n".join(lines)
 
     def parse_args(self, argv: Optional[Sequence[str]] = None) -> Any:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        self._check_dashed_keys(argv)
         # Intermixed: KEY=VALUE may come before and after --config, as users type them.
-        args = self.parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+        args = self.parser.parse_intermixed_args(argv)
         if not args.config and args.assignments and "=" not in args.assignments[0]:
             args.config, args.assignments = args.assignments[0], args.assignments[1:]  # `tune validate my.yaml`
         values: dict[str, Any] = {}
@@ -92,6 +98,28 @@ class TuneArgumentParser:
             raise
         except TypeError as exc:  # a missing required field
             raise UserError(f"{exc}; set it in the config or with KEY=VALUE") from None
+
+    def _check_dashed_keys(self, argv: Sequence[str]) -> None:
+        """`--lr=0.001` or `--lr 0.001`, as argparse-style tools take settings: one line saying how
+        ours are written, before argparse calls the rest of the line unrecognised."""
+        for i, token in enumerate(argv):
+            flag, has_value, value = token.partition("=")
+            if not token.startswith("--") or flag in ("--", "--help", "--config", "--override"):
+                continue
+            key = flag[2:].replace("-", "_")
+            if key in LAUNCHER_FLAGS:
+                raise UserError(
+                    f"'{flag}' is a flag of the launcher: put it before the recipe name "
+                    f"(tune {flag} N <recipe> --config ...)"
+                )
+            if not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+                value, has_value, token = argv[i + 1], "=", f"{token} {argv[i + 1]}"
+            written = f"{key}={value if has_value else '<value>'}"
+            if key in self.fields:
+                raise UserError(
+                    f"'{token}': settings are written without dashes, as {written} (or --override {written})"
+                )
+            self._check_key(key, f"on the command line ('{token}'; settings are written key=value, without dashes)")
 
     def _coerce(self, key: str, value: Any, source: str) -> Any:
         return coerce(key, value, self.types[key], source, self.fields[key].metadata.get("hint", ""))

@@ -75,9 +75,9 @@ def load_records(
                 f"{split_key} '{split}' asked of the file {source}, which is a single 'train' "
                 f"split; use {split_key}='train' (optionally sliced, e.g. 'train[:90%]')"
             )
-        records = slice_records(read_file(path), bounds)
+        records = slice_records(read_file(path), bounds, f"{split_key} '{split}'")
     elif path.is_dir():
-        records = slice_records(_read_folder(path, name, subset, split_key), bounds)
+        records = slice_records(_read_folder(path, name, subset, split_key), bounds, f"{split_key} '{split}'")
     elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise UserError(f"dataset file {source} does not exist; check the path")
     else:
@@ -97,12 +97,26 @@ def parse_split(split: str, split_key: str = "split") -> tuple[str, tuple[Option
             f"{split_key} '{split}' is not understood; use a name like 'train' "
             "or a slice like 'train[:90%]', 'train[90%:]', 'train[:1000]'"
         )
+    for bound in (match.group(2), match.group(3)):
+        if bound is not None and bound.endswith("%") and abs(int(bound[:-1])) > 100:
+            raise UserError(
+                f"{split_key} '{split}' asks for {bound} of the records; a slice's percentages run from "
+                "0% to 100% (e.g. 'train[:90%]')"
+            )
     return match.group(1), (match.group(2), match.group(3))
 
 
-def slice_records(records: Records, bounds: tuple[Optional[str], Optional[str]]) -> Records:
-    start, stop = (_bound(b, len(records)) for b in bounds)
-    return records.select(0 if start is None else start, len(records) if stop is None else stop)
+def slice_records(records: Records, bounds: tuple[Optional[str], Optional[str]], asked: str = "the slice") -> Records:
+    """The records `bounds` select; a count beyond the records there are is refused, not cut short."""
+    n = len(records)
+    for bound in bounds:
+        if bound is not None and not bound.endswith("%") and abs(int(bound)) > n:
+            raise UserError(
+                f"{asked} reaches record {bound} of {records.source}, which has {n} records; "
+                f"use a count up to {n}, or a percentage (e.g. '[:90%]')"
+            )
+    start, stop = (_bound(b, n) for b in bounds)
+    return records.select(0 if start is None else start, n if stop is None else stop)
 
 
 def _bound(bound: Optional[str], n: int) -> Optional[int]:

@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from finetune.checkpointing.atomic import atomic_directory, latest_checkpoint
+from finetune.checkpointing.atomic import atomic_directory
+from finetune.checkpointing.recipe_state import choose_checkpoint
+from finetune.errors import UserError
 from finetune.params import DummyParams
 from finetune.recipes import recipe_main, run_recipe
 from finetune.training.distributed import all_reduce_sum
@@ -48,11 +50,18 @@ class DummyRecipe:
         self.step = 0
 
     def setup(self) -> None:
-        self.run = start_run(self.params)  # type: ignore[arg-type]
+        p = self.params
+        if p.resume_from_checkpoint:  # before the run starts: resuming a finished run writes nothing
+            self.step = _step_of(choose_checkpoint(Path(p.output_dir), p.resume_from_checkpoint))
+            if self.step >= p.steps_per_epoch * p.epochs:
+                raise UserError(
+                    f"the run in {p.output_dir} is finished at step {self.step} ({p.epochs} epoch(s) of "
+                    f"{p.steps_per_epoch} steps), so there is nothing to resume and nothing was changed; raise "
+                    "epochs to run further, or start a new run in another output_dir"
+                )
+        self.run = start_run(p)  # type: ignore[arg-type]
         dist = self.run.dist
         print(f"dummy: rank {dist.rank} of {dist.world_size}", flush=True)
-        if self.params.resume_from_checkpoint:
-            self.step = _step_of(latest_checkpoint(self.run.output_dir))
         if self.run.rank_zero:
             self.params.to_yaml(self.run.output_dir / "params.yaml")
 

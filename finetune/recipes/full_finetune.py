@@ -17,7 +17,6 @@ from typing import Optional
 import torch
 
 from finetune.checkpointing import save_hf_checkpoint
-from finetune.checkpointing.recipe_state import find_resume_checkpoint
 from finetune.models import TransformerDecoder, num_params
 from finetune.params import FullFinetuneParams
 from finetune.recipes import recipe_main, run_recipe
@@ -41,7 +40,7 @@ class FullFinetuneRecipe:
     def setup(self) -> None:
         p = self.params
         self.run = start_run(p)
-        resume_dir = find_resume_checkpoint(self.run.output_dir, self.run.log) if p.resume_from_checkpoint else None
+        resume_dir = self.run.resume.checkpoint if self.run.resume is not None else None
         self.source: ModelSource = load_model_source(p)
         self.tokenizer = self.source.tokenizer
         data = build_training_data(p, self.tokenizer, self.run.dist, self.run.log)

@@ -20,7 +20,6 @@ from torch import nn
 
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.peft import MERGED_DIR
-from finetune.checkpointing.recipe_state import check_resume_settings, find_resume_checkpoint
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, num_params
 from finetune.models.lora import (
@@ -82,12 +81,8 @@ class LoraFinetuneRecipe:
 
     def setup(self) -> None:
         p = self.params
-        self.run = start_run(p)
-        resume_dir = (
-            find_resume_checkpoint(self.run.output_dir, self.run.log, lora=True) if p.resume_from_checkpoint else None
-        )
-        if resume_dir is not None:
-            check_resume_settings(resume_dir, p, LORA_SETTINGS)
+        self.run = start_run(p, adapter_settings=LORA_SETTINGS)
+        resume_dir = self.run.resume.checkpoint if self.run.resume is not None else None
         self.source: ModelSource = load_model_source(p)
         check_rank_fits(p, self.source.args)
         self.tokenizer = self.source.tokenizer

@@ -20,12 +20,14 @@ from tqdm import tqdm
 
 from finetune.checkpointing.atomic import atomic_directory, prune_checkpoints
 from finetune.checkpointing.recipe_state import (
+    RECIPE_STATE_FILE,
     gather_rng_states,
-    load_recipe_state,
+    read_saved_params,
     restore_rng_state,
     rng_state_for_rank,
     save_recipe_state,
 )
+from finetune.errors import UserError
 from finetune.training.data_setup import TrainingData
 from finetune.training.distributed import barrier
 from finetune.training.fsdp import full_optimizer_state_dict, load_full_optimizer_state_dict
@@ -38,13 +40,12 @@ from finetune.training.guards import (
 )
 from finetune.training.lr_schedule import build_lr_scheduler
 from finetune.training.memory import peak_memory_gb
-from finetune.training.metrics import build_metric_loggers
+from finetune.training.metrics import build_metric_loggers, drop_records_after
 from finetune.training.optim import build_optimizer, clip_grad_norm
 from finetune.training.profiler import build_profiler
+from finetune.training.resume import ResumePoint, read_recipe_state, steer_optimizer
 from finetune.training.run import RunContext
 from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, evaluate
-
-RECIPE_STATE_FILE = "recipe_state.pt"
 
 Batch = dict[str, torch.Tensor]
 
@@ -88,11 +89,19 @@ class TrainingLoop:
             total_steps=self.steps_per_epoch * p.epochs,
             log=run.log,
         )
-        if resume_dir is not None:
-            self._load_recipe_state(resume_dir)
-        if run.rank_zero:  # only now: a refused resume leaves the run's params.yaml as it was
+        resume = self._resume_point(resume_dir)
+        if resume is not None:
+            self._load_recipe_state(resume)
+        if run.rank_zero:  # only now: a refused resume leaves the run's params.yaml and metrics as they were
             p.to_yaml(run.output_dir / "params.yaml")
-        self.metric_loggers = build_metric_loggers(p.metric_logger_type, run.output_dir, rank=run.dist.rank)
+            if resume is not None:  # the steps trained after the checkpoint are trained again
+                drop_records_after(run.output_dir / "metrics.jsonl", resume.step)
+        self.metric_loggers = build_metric_loggers(
+            p.metric_logger_type,
+            run.output_dir,
+            rank=run.dist.rank,
+            resume_step=None if resume is None else resume.step,
+        )
         run.closers += [logger.close for logger in self.metric_loggers]
 
     def describe(self) -> str:
@@ -102,10 +111,27 @@ class TrainingLoop:
             f"{self.steps_per_epoch} steps per epoch"
         )
 
-    def _load_recipe_state(self, checkpoint: Path) -> None:
-        state = load_recipe_state(checkpoint / RECIPE_STATE_FILE)
+    def _resume_point(self, resume_dir: Optional[Path]) -> Optional[ResumePoint]:
+        """What `start_run` planned to resume from; read here for a recipe that found `resume_dir` itself."""
+        if resume_dir is None:
+            return None
+        planned = self.run.resume
+        if planned is not None and planned.checkpoint == resume_dir:
+            return planned
+        return ResumePoint(resume_dir, read_recipe_state(resume_dir), read_saved_params(resume_dir))
+
+    def _load_recipe_state(self, resume: ResumePoint) -> None:
+        state = resume.state
+        saved_samples = state.get("dataset_len")
+        if saved_samples is not None and saved_samples != self.sampler.dataset_len:
+            raise UserError(
+                f"the training data has {self.sampler.dataset_len} samples but {resume.checkpoint} was trained on "
+                f"{saved_samples}: it changed since, so the saved position would point into another order; "
+                "restore the data it was trained on, or start a new run in another output_dir"
+            )
         load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if self.run.rank_zero else {})
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        steer_optimizer(self.optimizer, self.lr_scheduler, self.params, resume.saved_params, self.run.log)
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.steps_done_in_epoch = state["steps_done_in_epoch"]
@@ -262,6 +288,8 @@ class TrainingLoop:
                         "global_step": self.global_step,
                         "epoch": self.epoch,
                         "steps_done_in_epoch": self.steps_done_in_epoch,
+                        "steps_per_epoch": self.steps_per_epoch,
+                        "dataset_len": self.sampler.dataset_len,
                         "rng_states": rng_states,
                     },
                 )

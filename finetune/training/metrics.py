@@ -1,8 +1,10 @@
 """Metric loggers: every logger has `log(step, metrics)` and `close()`.
 
 `metrics.jsonl` is always written (one JSON object per line: step, wall time, metrics) and is
-appended to on resume, so a resumed run's file holds the whole history. TensorBoard and
-Weights & Biases are optional extras. Only rank 0 logs.
+appended to on resume, after the records of the steps past the checkpoint are dropped
+(`drop_records_after`: those steps are trained again), so a resumed run's file reads as one
+uninterrupted run. TensorBoard purges the same steps. Weights & Biases is an optional extra.
+Only rank 0 logs.
 """
 
 import json
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from finetune.checkpointing.atomic import atomic_write_text
 from finetune.errors import UserError
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")
@@ -32,13 +35,35 @@ class JsonlLogger:
         self._file.close()
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Keep the records of `path` up to `step`, replacing the file atomically; return how many
+    were dropped. A line cut short by a kill mid-write is dropped too."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = [line for line in lines if _step_of_record(line) is not None and _step_of_record(line) <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _step_of_record(line: str) -> Optional[int]:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class TensorBoardLogger:
-    def __init__(self, output_dir: Path | str, subdir: str = "tensorboard") -> None:
+    def __init__(self, output_dir: Path | str, subdir: str = "tensorboard", resume_step: Optional[int] = None) -> None:
         # tensorboard is optional and slow to import: only metric_logger_type=tensorboard needs it.
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(output_dir) / subdir
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        # A resumed run hides what the interrupted one logged past its checkpoint.
+        purge_step = None if resume_step is None else resume_step + 1
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
@@ -70,15 +95,16 @@ class WandbLogger:
         self._run.finish()
 
 
-def build_metric_loggers(kind: str, output_dir: Path | str, *, rank: int) -> list:
-    """jsonl always, plus `kind` when it is tensorboard or wandb; an empty list off rank 0."""
+def build_metric_loggers(kind: str, output_dir: Path | str, *, rank: int, resume_step: Optional[int] = None) -> list:
+    """jsonl always, plus `kind` when it is tensorboard or wandb; an empty list off rank 0.
+    `resume_step`: the checkpoint's step a resumed run continues after."""
     if kind not in LOGGERS:
         raise UserError(f"unknown metric_logger {kind!r}; use one of: {', '.join(LOGGERS)}")
     if rank != 0:
         return []
     loggers: list = [JsonlLogger(output_dir)]
     if kind == "tensorboard":
-        loggers.append(TensorBoardLogger(output_dir))
+        loggers.append(TensorBoardLogger(output_dir, resume_step=resume_step))
     elif kind == "wandb":
         loggers.append(WandbLogger(output_dir))
     return loggers

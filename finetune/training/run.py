@@ -11,17 +11,20 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
+from finetune.checkpointing.atomic import remove_leftovers
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.output_lock import OutputDirLock
 from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
 from finetune.checkpointing.writers import hf_output_extras
 from finetune.config.entry import peer_stopped_on_user_error
+from finetune.errors import UserError
 from finetune.jobs.events import EventLog, Sink, sinks_for
 from finetune.models import ModelArgs, TransformerDecoder
 from finetune.params import DummyParams, FullFinetuneParams, resolve_path
@@ -41,6 +44,7 @@ from finetune.training.memory import keep_freed_host_memory
 from finetune.training.model_setup import ModuleHook, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
 from finetune.training.precision import resolve_run_dtype
+from finetune.training.resume import ResumePoint, plan_resume
 
 
 @dataclass
@@ -55,6 +59,7 @@ class RunContext:
     monitor: JobMonitor
     lock: Optional[OutputDirLock] = None  # rank 0's hold on output_dir; None on the other ranks
     events: EventLog = field(default_factory=EventLog.disabled)  # output_dir/events.jsonl and its sinks
+    resume: Optional[ResumePoint] = None  # the checkpoint a resumed run continues from
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -136,8 +141,10 @@ class RunContext:
             self.lock.release()
 
 
-def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
-    """Join the process group, pick device and dtype, seed, claim and lock output_dir, start the monitor."""
+def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Optional[Sequence[str]] = None) -> RunContext:
+    """Join the process group, pick device and dtype, seed, claim and lock output_dir, plan the
+    resume (`run.resume`), start the monitor. `adapter_settings`: a LoRA recipe's adapter keys,
+    which a resumed run must keep (None for a recipe that trains the whole model)."""
     params.check()  # a notebook may have changed a field since the params were built
     dist = init_distributed(resolve_device(params.device).type)
     device = resolve_device(params.device, dist.local_rank)
@@ -152,6 +159,15 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
     # status.json first); a refusal stops every rank with the same line.
     lock = run_on_rank_zero(lambda: claim_output_dir(output_dir, resume=params.resume_from_checkpoint), default=None)
     try:
+        # Every refusal of a resume comes before the first write: the earlier run's record stays as it was.
+        resume = None
+        if isinstance(params, FullFinetuneParams) and params.resume_from_checkpoint:
+            log = partial(tqdm.write, file=sys.stderr) if dist.rank == 0 else _quiet
+            resume = plan_resume(
+                params, output_dir, world_size=dist.world_size, adapter_settings=adapter_settings, log=log
+            )
+        if lock is not None:
+            remove_leftovers(output_dir)  # of saves a kill interrupted
         monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
         events = start_events(params, output_dir, dist.rank, sinks)
     except BaseException:
@@ -160,11 +176,15 @@ def start_run(params: FullFinetuneParams | DummyParams) -> RunContext:
         if lock is not None:  # no run holds the folder now (a notebook may start the next one)
             lock.release()
         raise
-    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock, events=events)  # type: ignore[arg-type]
+    run = RunContext(params, dist, device, dtype, output_dir, monitor, lock, events=events, resume=resume)  # type: ignore[arg-type]
     run.closers.append(on_launcher_death(run.record_launcher_death))
     if run.rank_zero:
         run.log(str(params))
     return run
+
+
+def _quiet(message: str) -> None:
+    """Where the other ranks' copies of rank 0's lines go."""
 
 
 def build_sinks(params: FullFinetuneParams | DummyParams) -> list[Sink]:
@@ -210,6 +230,12 @@ def load_model_source(params: FullFinetuneParams) -> ModelSource:
     """The model's architecture (from the registry or the checkpoint's config) and its tokenizer."""
     checkpoint_dir = resolve_path(params.checkpoint_dir) if params.checkpoint_dir else None
     args = resolve_model_args(params.model, checkpoint_dir, params.checkpoint_format)
+    if params.max_seq_len > args.max_seq_len:
+        model = f"model {params.model}" if params.model != "auto" else f"the model in {checkpoint_dir}"
+        raise UserError(
+            f"max_seq_len={params.max_seq_len} exceeds the {args.max_seq_len} positions {model} was built for "
+            f"(max_position_embeddings); set max_seq_len={args.max_seq_len} or less"
+        )
     tokenizer_path = resolve_path(params.tokenizer_path or params.checkpoint_dir)  # type: ignore[arg-type]
     tokenizer = load_tokenizer_for_model(tokenizer_path, args.family, args.vocab_size)
     return ModelSource(args, tokenizer, resolve_tokenizer_path(tokenizer_path), checkpoint_dir)

@@ -1,12 +1,14 @@
 """`tune eleuther_eval` end to end on local task YAMLs, and its errors."""
 
 import json
+import shutil
 import sys
 
 import pytest
 
 from finetune.checkpointing.quantized import save_quantized_checkpoint
 from finetune.evaluation.harness import HarnessModel
+from finetune.params import resolve_path
 from finetune.quantization import quantize_model
 
 pytest.importorskip("lm_eval")  # the eval extra; CI installs it
@@ -171,6 +173,23 @@ def test_the_demo_task_config_runs(capsys, checkpoint_dir, tmp_path):
     assert results["n-samples"]["demo_exact_match"]["effective"] == 8
     assert 0 <= results["results"]["demo_exact_match"]["exact_match,none"] <= 1
     assert "demo_exact_match" in stdout
+
+
+def test_a_copy_of_the_demo_task_folder_runs_from_anywhere(capsys, checkpoint_dir, tmp_path):
+    """Users copy the demo task to adapt it: the copy still finds the demo's held-out records, and a
+    heldout.jsonl put beside it is read instead."""
+    copy = tmp_path / "my_tasks"
+    shutil.copytree(resolve_path("pkg:data/demo/eval_task"), copy)
+    output = tmp_path / "copy.json"
+    argv = ["eleuther_eval", "--config", "eleuther_evaluation", f"checkpoint_dir={checkpoint_dir}", "limit=8"]
+    code, _, err = run(capsys, *argv, f"include_path={copy}", f"output_path={output}")
+    assert code == 0, err
+    assert json.loads(output.read_text())["n-samples"]["demo_exact_match"]["effective"] == 8
+    heldout = resolve_path("pkg:data/demo/heldout.jsonl").read_text().splitlines()
+    (copy / "heldout.jsonl").write_text("\n".join(heldout[:3]) + "\n")
+    code, _, err = run(capsys, *argv, f"include_path={copy}", f"output_path={output}")
+    assert code == 0, err
+    assert json.loads(output.read_text())["n-samples"]["demo_exact_match"]["effective"] == 3
 
 
 def test_missing_lm_eval_names_the_install_command(capsys, monkeypatch, checkpoint_dir, task_dir, tmp_path):

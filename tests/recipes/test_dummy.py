@@ -63,6 +63,15 @@ def test_dummy_resumes_after_its_newest_checkpoint(capsys, tmp_path):
     assert _status(tmp_path)["state"] == "done" and (tmp_path / "step_4").is_dir()
 
 
+def test_resuming_a_finished_dummy_run_says_so_and_writes_nothing(capsys, tmp_path):
+    out = f"output_dir={tmp_path}"
+    assert run(capsys, "dummy", out, "max_steps_per_epoch=2")[0] == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    code, _, err = run(capsys, "dummy", out, "max_steps_per_epoch=2", "resume_from_checkpoint=true")
+    assert code == 2 and f"the run in {tmp_path} is finished at step 2" in error_line(err)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+
 def test_a_finetuning_config_runs_under_the_dummy_and_typos_still_fail(capsys, tmp_path):
     code, _, err = run(capsys, "dummy", "--config", "tiny_full", f"output_dir={tmp_path}", "max_steps_per_epoch=2")
     assert code == 0, err

@@ -1,5 +1,6 @@
 """Recipe state: RNG capture/restore reproduces draws; save/load round trip under weights_only."""
 
+import math
 import random
 
 import numpy as np
@@ -95,3 +96,49 @@ def test_bad_recipe_state_files_are_user_errors(tmp_path):
     torch.save({"format_version": 0, "step": 1}, old)
     with pytest.raises(UserError, match="format version 0"):
         load_recipe_state(old)
+
+
+def _trained(lr: float, total_steps: int, steps: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = build_lr_scheduler("cosine", opt, warmup_steps=1, total_steps=total_steps)
+    for _ in range(steps):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    return model, opt, sched
+
+
+def _reloaded(state_opt, state_sched, lr: float, total_steps: int):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = build_lr_scheduler("cosine", opt, warmup_steps=1, total_steps=total_steps)
+    opt.load_state_dict(state_opt)
+    sched.load_state_dict(state_sched)
+    return opt, sched
+
+
+def test_a_new_lr_weight_decay_and_length_hold_from_the_next_step_and_nothing_else_moves():
+    from types import SimpleNamespace
+
+    from finetune.training.resume import steer_optimizer
+
+    _, opt, sched = _trained(lr=1e-3, total_steps=10)
+    saved = {"lr": 1e-3, "weight_decay": 0.01, "epochs": 1, "lr_scheduler": "cosine", "warmup_steps": 1}
+    notes: list[str] = []
+    # Nothing changed: the loaded lr (the one the saved run's next step would use) is kept as it is.
+    same, same_sched = _reloaded(opt.state_dict(), sched.state_dict(), lr=1e-3, total_steps=10)
+    steer_optimizer(same, same_sched, SimpleNamespace(**saved), saved, notes.append)
+    assert same.param_groups[0]["lr"] == opt.param_groups[0]["lr"] and notes == []
+    # lr doubled, weight decay raised, twice the steps: the multiplier after 3 steps of a 20-step cosine.
+    changed = {**saved, "lr": 2e-3, "weight_decay": 0.1, "epochs": 2}
+    new, new_sched = _reloaded(opt.state_dict(), sched.state_dict(), lr=2e-3, total_steps=20)
+    steer_optimizer(new, new_sched, SimpleNamespace(**changed), saved, notes.append)
+    expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * (3 - 1) / (20 - 1)))
+    assert new.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
+    assert new.param_groups[0]["weight_decay"] == 0.1 and new.param_groups[0]["initial_lr"] == 2e-3
+    assert new_sched.get_last_lr() == [new.param_groups[0]["lr"]]
+    new_sched.step()  # the step after follows the new schedule too
+    assert new.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 19)), rel=1e-12)
+    assert len(notes) == 1 and notes[0].startswith("note: the next step's lr is")
