@@ -219,6 +219,12 @@ class FullFinetuneParams(ParamsIO):
     train_on_input: bool = param(False, "also train on prompt tokens (false: loss on responses only)")
     packed: bool = param(False, "pack samples into max_seq_len rows (no cross-document attention)")
     num_workers: int = param(0, "DataLoader worker processes")
+    data_cache_dir: Optional[str] = param(
+        "auto",
+        "tokenized data is cached here and memory-mapped by later runs and every rank; "
+        "auto = $XDG_CACHE_HOME/finetune/data or ~/.cache/finetune/data, none = tokenize in memory each run",
+    )
+    data_build_workers: int = param(0, "processes that tokenize data into the cache; 0 = every core")
     # Loop
     seed: int = param(42, "random seed: same seed, same data order and loss curve")
     shuffle: bool = param(True, "shuffle the data each epoch")
@@ -283,7 +289,7 @@ class FullFinetuneParams(ParamsIO):
             "profile_active_steps",
         ):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("num_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
+        for name in ("num_workers", "data_build_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
         for name in (
             "max_steps_per_epoch",

@@ -69,6 +69,8 @@ def build_data(
         subset=subset,
         packed=params.packed,
         log=log,
+        cache_dir=params.data_cache_dir,
+        num_proc=params.data_build_workers,
     )
     sampler = ResumableDistributedSampler(
         len(dataset),
