@@ -96,16 +96,17 @@ def first_step(data: Path, cache: Optional[Path], out: Path) -> dict[str, float]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     shutil.rmtree(out, ignore_errors=True)
     began, cpu_before = time.perf_counter(), os.times()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(out.parent / f"{out.name}.log", "w")  # a file: a full pipe would stall the run
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics, first, peak_kb = out / "metrics.jsonl", None, 0
     while process.poll() is None:
         peak_kb = max(peak_kb, _vm_hwm_kb(process.pid))
         if first is None and metrics.exists() and metrics.stat().st_size > 0:
             first = time.perf_counter() - began
         time.sleep(0.02)
-    stderr = process.stderr.read() if process.stderr else ""
+    log.close()
     if process.returncode != 0:
-        raise RuntimeError(f"run failed: {stderr[-2000:]}")
+        raise RuntimeError(f"run failed: {Path(log.name).read_text()[-2000:]}")
     cpu = os.times()
     return {
         "first_step_s": first if first is not None else time.perf_counter() - began,

@@ -19,6 +19,7 @@ the first sample of each row, plus the sample count) and `meta.json` (counts, an
 lines the run logs, replayed unchanged on reuse).
 """
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -362,7 +363,7 @@ def _build(
         np.cumsum(built.lengths, out=offsets[1:])
         offsets.tofile(building / "offsets.bin")
         if packed:
-            rows = np.asarray(greedy_rows(built.lengths.tolist(), spec.max_seq_len), dtype=np.int64)
+            rows = np.frombuffer(greedy_rows(built.lengths, spec.max_seq_len), dtype=np.int64)
             rows.tofile(building / "rows.bin")
             efficiency = built.num_tokens / ((len(rows) - 1) * spec.max_seq_len)
             messages.append(packing_message(len(built.lengths), len(rows) - 1, spec.max_seq_len, efficiency))
@@ -380,6 +381,14 @@ def _build(
         _fsync(building / COMPLETE)
         os.rename(building, folder)
         _fsync(folder.parent)
+    except OSError as e:
+        shutil.rmtree(building, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise UserError(
+                f"cannot write the data cache in {folder.parent} ({e.strerror}); free some space there, "
+                "point data_cache_dir at another folder, or set data_cache_dir=none"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

@@ -98,10 +98,10 @@ def packing_message(num_samples: int, num_rows: int, max_seq_len: int, efficienc
     )
 
 
-def greedy_rows(lengths: Iterable[int], max_seq_len: int) -> list[int]:
+def greedy_rows(lengths: Iterable[int], max_seq_len: int) -> array:
     """Where each row starts, as sample indices (and the sample count at the end): the rows
     `PackedDataset` fills, computed from sample lengths alone."""
-    starts, used, total = [0], 0, 0
+    starts, used, total = array("q", [0]), 0, 0
     for index, n in enumerate(lengths):
         if n > max_seq_len:
             raise ValueError(f"a sample of {n} tokens does not fit max_seq_len={max_seq_len}")
@@ -110,4 +110,6 @@ def greedy_rows(lengths: Iterable[int], max_seq_len: int) -> list[int]:
             used = 0
         used += n
         total = index + 1
-    return starts + [total] if total else [0]
+    if total:
+        starts.append(total)
+    return starts

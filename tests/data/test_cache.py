@@ -65,7 +65,18 @@ CHAT = [
 
 @pytest.mark.parametrize(
     "case",
-    ["instruct", "instruct-packed", "instruct-sliced-mapped", "train-on-input", "chat", "text", "text-txt", "csv"],
+    [
+        "instruct",
+        "instruct-packed",
+        "instruct-sliced-mapped",
+        "train-on-input",
+        "chat",
+        "text",
+        "text-txt",
+        "csv",
+        "folder",
+        "saved",
+    ],
 )
 def test_cached_samples_and_messages_equal_tokenizing_in_memory(tmp_path, sp_tokenizer, llama3_tokenizer, case):
     tokenizer, kwargs = sp_tokenizer, {}
@@ -93,6 +104,17 @@ def test_cached_samples_and_messages_equal_tokenizing_in_memory(tmp_path, sp_tok
         source = tmp_path / "train.csv"
         rows = [f'"{i}, then more",,"{i + 1}"' for i in range(500)]
         source.write_text("instruction,input,output\n" + "\n".join(rows) + "\n")
+    elif case == "folder":  # two files read as one split: records are named by their number
+        source = tmp_path / "folder"
+        source.mkdir()
+        demo_lines(source / "train-00000-of-00002.jsonl", 400)
+        demo_lines(source / "train-00001-of-00002.jsonl", 400, 400)
+        kwargs = {"split": "train[:700]"}
+    elif case == "saved":
+        datasets = pytest.importorskip("datasets")
+        records = [json.loads(line) for line in source.read_text().splitlines()[:500]]
+        source = tmp_path / "saved"
+        datasets.Dataset.from_list(records).save_to_disk(str(source))
     memory, memory_log, cached, cache_log = both(source, tokenizer, tmp_path / "cache", **kwargs)
     assert cached.built_here
     assert_same_samples(memory, cached)
