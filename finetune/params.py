@@ -225,6 +225,11 @@ class FullFinetuneParams(ParamsIO):
         "auto = $XDG_CACHE_HOME/finetune/data or ~/.cache/finetune/data, none = tokenize in memory each run",
     )
     data_build_workers: int = param(0, "processes that tokenize data into the cache; 0 = every core")
+    data_streaming: bool = param(
+        False,
+        "tokenize the training .jsonl while training, in file order, without the cache "
+        "(data larger than the disk); needs max_steps_per_epoch",
+    )
     # Loop
     seed: int = param(42, "random seed: same seed, same data order and loss curve")
     shuffle: bool = param(True, "shuffle the data each epoch")
@@ -318,6 +323,11 @@ class FullFinetuneParams(ParamsIO):
             "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
         _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        _require(
+            not self.data_streaming or (self.max_steps_per_epoch is not None and not self.packed),
+            "data_streaming=true needs max_steps_per_epoch (a stream's length is not known before it is read) "
+            "and packed=false",
+        )
 
 
 @dataclass
