@@ -10,6 +10,7 @@ from finetune.data import ResumableDistributedSampler, build_dataset
 from finetune.data.stream import streamed_samples
 from finetune.data.templates import get_template
 from finetune.data.tokenize import TokenizeSpec
+from finetune.params import FullFinetuneParams
 from tests.data.helpers import ALPACA_RECORDS, user_error, write_jsonl
 
 SPEC = TokenizeSpec("instruct", 64, get_template("alpaca"), False)
@@ -74,3 +75,11 @@ def test_only_a_whole_jsonl_file_streams(tmp_path, sp_tokenizer):
     other.write_text(json.dumps(records(5)))
     assert "data_streaming reads a local .jsonl file" in user_error(stream, other, sp_tokenizer)
     assert "cannot slice it (split=train[:50%])" in user_error(stream, path, sp_tokenizer, split="train[:50%]")
+
+
+def test_streaming_needs_max_steps_per_epoch_and_unpacked_data():
+    base = {"tokenizer_path": "pkg:data/demo/tokenizer.model", "data_streaming": True}
+    for settings in ({}, {"max_steps_per_epoch": 4, "packed": True}):
+        message = user_error(FullFinetuneParams, **base, **settings)
+        assert "data_streaming=true needs max_steps_per_epoch" in message and "packed=false" in message
+    assert FullFinetuneParams(**base, max_steps_per_epoch=4).data_streaming
