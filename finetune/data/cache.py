@@ -358,18 +358,16 @@ def _build(
             num_proc=num_proc,
             show_progress=is_rank_zero(),
         )
-        messages = [summary(built.source, spec, built.stats, len(built.lengths), built.num_tokens)]
-        offsets = np.zeros(len(built.lengths) + 1, dtype=np.int64)
-        np.cumsum(built.lengths, out=offsets[1:])
-        offsets.tofile(building / "offsets.bin")
+        messages = [summary(built.source, spec, built.stats, built.num_samples, built.num_tokens)]
         if packed:
-            rows = np.frombuffer(greedy_rows(built.lengths, spec.max_seq_len), dtype=np.int64)
+            lengths = _sample_lengths(building / "offsets.bin")
+            rows = np.frombuffer(greedy_rows(lengths, spec.max_seq_len), dtype=np.int64)
             rows.tofile(building / "rows.bin")
             efficiency = built.num_tokens / ((len(rows) - 1) * spec.max_seq_len)
-            messages.append(packing_message(len(built.lengths), len(rows) - 1, spec.max_seq_len, efficiency))
+            messages.append(packing_message(built.num_samples, len(rows) - 1, spec.max_seq_len, efficiency))
         meta = {
             "key": key,
-            "samples": len(built.lengths),
+            "samples": built.num_samples,
             "tokens": built.num_tokens,
             "stats": built.stats.as_dict(),
             "messages": messages,
@@ -392,6 +390,12 @@ def _build(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+
+
+def _sample_lengths(offsets_file: Path, block: int = 1 << 20) -> Iterator[int]:
+    offsets = np.memmap(offsets_file, dtype=np.int64, mode="r")
+    for start in range(0, len(offsets) - 1, block):
+        yield from np.diff(offsets[start : start + block + 1]).tolist()
 
 
 def _fsync(path: Path) -> None:
