@@ -3,7 +3,8 @@
 Records are tokenized once, up front: problems in the data surface before training
 starts, the too-long samples can be counted and reported once, and DataLoader workers
 never need the tokenizer. Samples are kept in flat int arrays (a Python list of ints costs
-about 9x more memory).
+about 9x more memory): in memory here, or on disk in the tokenized-data cache
+(finetune/data/cache.py), where later runs and every rank map them instead of tokenizing again.
 """
 
 from array import array
