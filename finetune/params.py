@@ -222,6 +222,17 @@ class FullFinetuneParams(ParamsIO):
     train_on_input: bool = param(False, "also train on prompt tokens (false: loss on responses only)")
     packed: bool = param(False, "pack samples into max_seq_len rows (no cross-document attention)")
     num_workers: int = param(0, "DataLoader worker processes")
+    data_cache_dir: Optional[str] = param(
+        "auto",
+        "tokenized data is cached here and memory-mapped by later runs and every rank; "
+        "auto = $XDG_CACHE_HOME/finetune/data or ~/.cache/finetune/data, none = tokenize in memory each run",
+    )
+    data_build_workers: int = param(0, "processes that tokenize data into the cache; 0 = every core")
+    data_streaming: bool = param(
+        False,
+        "tokenize the training .jsonl while training, in file order, without the cache "
+        "(data larger than the disk); needs max_steps_per_epoch",
+    )
     # Loop
     seed: int = param(42, "random seed: same seed, same data order and loss curve")
     shuffle: bool = param(True, "shuffle the data each epoch")
@@ -286,7 +297,7 @@ class FullFinetuneParams(ParamsIO):
             "profile_active_steps",
         ):
             _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("num_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
+        for name in ("num_workers", "data_build_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
             _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
         for name in (
             "max_steps_per_epoch",
@@ -321,6 +332,11 @@ class FullFinetuneParams(ParamsIO):
         self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, output_dir)
         sources = {key: getattr(self, key) for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset")}
         check_output_dir_apart(output_dir, {k: (v, resolve_path(v)) for k, v in sources.items() if v})
+        _require(
+            not self.data_streaming or (self.max_steps_per_epoch is not None and not self.packed),
+            "data_streaming=true needs max_steps_per_epoch (a stream's length is not known before it is read) "
+            "and packed=false",
+        )
 
 
 @dataclass

@@ -7,7 +7,7 @@ documents would one by one, with fewer pad tokens. Labels are already shifted pe
 """
 
 from array import array
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -46,10 +46,7 @@ class PackedDataset(Dataset):
             self._add(sample["tokens"], sample["labels"])
         if self._row["tokens"]:
             self._close_row()
-        rank_zero_log(log)(
-            f"packed {self.num_samples} samples into {len(self)} rows of {max_seq_len} tokens; "
-            f"packing efficiency {self.efficiency:.1%} (non-pad tokens / all tokens)"
-        )
+        rank_zero_log(log)(packing_message(self.num_samples, len(self), max_seq_len, self.efficiency))
 
     def _add(self, tokens: Sequence[int], labels: Sequence[int]) -> None:
         n = len(tokens)
@@ -92,3 +89,27 @@ class PackedDataset(Dataset):
         start = (index % len(self)) * self.max_seq_len
         end = start + self.max_seq_len
         return {name: self._fields[name][start:end].tolist() for name in PACKED_FIELDS}
+
+
+def packing_message(num_samples: int, num_rows: int, max_seq_len: int, efficiency: float) -> str:
+    return (
+        f"packed {num_samples} samples into {num_rows} rows of {max_seq_len} tokens; "
+        f"packing efficiency {efficiency:.1%} (non-pad tokens / all tokens)"
+    )
+
+
+def greedy_rows(lengths: Iterable[int], max_seq_len: int) -> array:
+    """Where each row starts, as sample indices (and the sample count at the end): the rows
+    `PackedDataset` fills, computed from sample lengths alone."""
+    starts, used, total = array("q", [0]), 0, 0
+    for index, n in enumerate(lengths):
+        if n > max_seq_len:
+            raise ValueError(f"a sample of {n} tokens does not fit max_seq_len={max_seq_len}")
+        if used + n > max_seq_len:
+            starts.append(index)
+            used = 0
+        used += n
+        total = index + 1
+    if total:
+        starts.append(total)
+    return starts

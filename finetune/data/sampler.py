@@ -55,19 +55,23 @@ class ResumableDistributedSampler(Sampler[int]):
 
     def shard(self) -> list[int]:
         """This rank's whole shard for the current epoch, before skipping."""
+        return self._shard().tolist()
+
+    def _shard(self) -> torch.Tensor:
+        # A tensor, not a list: a list of Python ints costs ~40 bytes a sample, 160 MB at 4M samples.
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+            order = torch.randperm(self.dataset_len, generator=generator)
         else:
-            order = list(range(self.dataset_len))
+            order = torch.arange(self.dataset_len)
         total = self.num_samples * self.world_size
         while len(order) < total:  # more ranks than samples can need several repeats
-            order += order[: total - len(order)]
+            order = torch.cat([order, order[: total - len(order)]])
         return order[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.shard()[self.start_index :])
+        return (int(index) for index in self._shard()[self.start_index :].numpy())
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index

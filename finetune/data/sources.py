@@ -69,12 +69,7 @@ def load_records(
     subset = subset or None
     path = Path(source).expanduser()
     if path.is_file():
-        _refuse_subset(subset, f"{source}, a single file")
-        if canonical_split(name) != "train":
-            raise UserError(
-                f"{split_key} '{split}' asked of the file {source}, which is a single 'train' "
-                f"split; use {split_key}='train' (optionally sliced, e.g. 'train[:90%]')"
-            )
+        check_file_split(source, split, subset, split_key)
         records = slice_records(read_file(path), bounds, f"{split_key} '{split}'")
     elif path.is_dir():
         records = slice_records(_read_folder(path, name, subset, split_key), bounds, f"{split_key} '{split}'")
@@ -83,10 +78,24 @@ def load_records(
     else:
         records = _read_hub(source, split, subset, split_key)
     if not records:
-        raise UserError(f"dataset {source} ({split_key} '{split}') has no records; point it at a file with data")
+        raise no_records(source, split, split_key)
     if column_map:
         records = rename_columns(records, column_map)
     return records
+
+
+def check_file_split(source: str, split: str, subset: Optional[str], split_key: str) -> None:
+    """A single file is one 'train' split without subsets."""
+    _refuse_subset(subset or None, f"{source}, a single file")
+    if canonical_split(parse_split(split, split_key)[0]) != "train":
+        raise UserError(
+            f"{split_key} '{split}' asked of the file {source}, which is a single 'train' "
+            f"split; use {split_key}='train' (optionally sliced, e.g. 'train[:90%]')"
+        )
+
+
+def no_records(source: str, split: str, split_key: str) -> UserError:
+    return UserError(f"dataset {source} ({split_key} '{split}') has no records; point it at a file with data")
 
 
 def parse_split(split: str, split_key: str = "split") -> tuple[str, tuple[Optional[str], Optional[str]]]:
@@ -107,16 +116,22 @@ def parse_split(split: str, split_key: str = "split") -> tuple[str, tuple[Option
 
 
 def slice_records(records: Records, bounds: tuple[Optional[str], Optional[str]], asked: str = "the slice") -> Records:
-    """The records `bounds` select; a count beyond the records there are is refused, not cut short."""
-    n = len(records)
+    return records.select(*slice_range(bounds, len(records), asked, records.source))
+
+
+def slice_range(
+    bounds: tuple[Optional[str], Optional[str]], n: int, asked: str = "the slice", source: str = "the data"
+) -> tuple[int, int]:
+    """The [start, stop) record indices that a split's slice selects of `n` records; a count beyond
+    the records there are is refused, not cut short."""
     for bound in bounds:
         if bound is not None and not bound.endswith("%") and abs(int(bound)) > n:
             raise UserError(
-                f"{asked} reaches record {bound} of {records.source}, which has {n} records; "
+                f"{asked} reaches record {bound} of {source}, which has {n} records; "
                 f"use a count up to {n}, or a percentage (e.g. '[:90%]')"
             )
-    start, stop = (_bound(b, n) for b in bounds)
-    return records.select(0 if start is None else start, n if stop is None else stop)
+    start, stop = slice(_bound(bounds[0], n), _bound(bounds[1], n)).indices(n)[:2]
+    return start, max(start, stop)
 
 
 def _bound(bound: Optional[str], n: int) -> Optional[int]:
@@ -206,9 +221,18 @@ def _read_json(text: str, name: str) -> Records:
 
 def _read_jsonl(text: str, name: str) -> Records:
     records, lines = [], []
+    for lineno, item in jsonl_items(text, name):
+        records.append(item)
+        lines.append(lineno)
+    return Records(records, source=name, lines=lines)
+
+
+def jsonl_items(text: str, name: str, first_line: int = 1) -> Iterable[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of JSON Lines `text`, whose first line is
+    line `first_line` of the file `name`."""
     # Only "\n" ends a line: str.splitlines() also splits on U+2028, U+2029 and U+0085, which
     # json.dumps(ensure_ascii=False) leaves raw inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=first_line):
         line = line.removesuffix("\r")
         if not line.strip():
             continue
@@ -224,9 +248,7 @@ def _read_jsonl(text: str, name: str) -> Records:
                 f"{name} line {lineno} is a JSON {_json_type(item)}, expected an object; "
                 "each line must hold one JSON object"
             )
-        records.append(item)
-        lines.append(lineno)
-    return Records(records, source=name, lines=lines)
+        yield lineno, item
 
 
 def _read_csv(text: str, name: str, delimiter: str) -> Records:
@@ -331,11 +353,15 @@ def _read_saved(path: Path, split: str, split_key: str) -> Records:
 
 
 def _read_hub(name: str, split: str, subset: Optional[str], split_key: str) -> Records:
+    return Records(hub_dataset(name, split, subset, split_key).to_list(), source=name)
+
+
+def hub_dataset(name: str, split: str, subset: Optional[str], split_key: str) -> Any:
+    """The `datasets.Dataset` of a Hub dataset's split (downloaded once, then read from
+    datasets' own cache)."""
     datasets = _import_datasets()
     try:
-        loaded = (
-            datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
-        )
+        return datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing name, bad split or subset: all fixable by the user
         which = f" subset '{subset}'" if subset else ""
         raise UserError(
@@ -343,7 +369,6 @@ def _read_hub(name: str, split: str, subset: Optional[str], split_key: str) -> R
             f"({_first_line(e)}); check the name, subset (dataset_subset) and {split_key}, "
             "or point to a local file"
         ) from None
-    return Records(loaded.to_list(), source=name)
 
 
 def _first_line(error: BaseException) -> str:

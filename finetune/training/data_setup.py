@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from finetune.data import ResumableDistributedSampler, build_dataloader, build_dataset, collate
 from finetune.data.sources import parse_split
+from finetune.data.stream import StreamedSamples, streamed_samples
+from finetune.data.templates import get_template
+from finetune.data.tokenize import TokenizeSpec
 from finetune.errors import UserError
 from finetune.params import FullFinetuneParams, resolve_path
 from finetune.tokenizers import Tokenizer
@@ -22,7 +25,7 @@ class TrainingData:
     """Everything a training loop reads: batches, the sampler that orders them, held-out batches."""
 
     train_loader: torch.utils.data.DataLoader
-    sampler: ResumableDistributedSampler
+    sampler: Union[ResumableDistributedSampler, StreamedSamples]
     eval_loader: Optional[torch.utils.data.DataLoader]
     steps_per_epoch: int
 
@@ -31,9 +34,12 @@ def build_training_data(
     params: FullFinetuneParams, tokenizer: Tokenizer, dist: DistInfo, log: Callable[[str], None]
 ) -> TrainingData:
     """The training and held-out loaders of a run, and how many optimizer steps an epoch takes."""
-    train_loader, sampler = build_data(
-        params, tokenizer, dist, source=params.dataset, split=params.split, shuffle=params.shuffle, log=log
-    )
+    if params.data_streaming:
+        train_loader, sampler = build_stream(params, tokenizer, dist, log)
+    else:
+        train_loader, sampler = build_data(
+            params, tokenizer, dist, source=params.dataset, split=params.split, shuffle=params.shuffle, log=log
+        )
     eval_loader = build_eval_data(params, tokenizer, dist, log=log)
     return TrainingData(train_loader, sampler, eval_loader, steps_per_epoch(params, sampler, dist.world_size))
 
@@ -69,6 +75,8 @@ def build_data(
         subset=subset,
         packed=params.packed,
         log=log,
+        cache_dir=params.data_cache_dir,
+        num_proc=params.data_build_workers,
     )
     sampler = ResumableDistributedSampler(
         len(dataset),
@@ -87,6 +95,37 @@ def build_data(
         seed=params.seed,
     )
     return loader, sampler
+
+
+def build_stream(
+    params: FullFinetuneParams, tokenizer: Tokenizer, dist: DistInfo, log: Callable[[str], None]
+) -> tuple[torch.utils.data.DataLoader, StreamedSamples]:
+    """A loader over the training file read in order while training (data_streaming); the stream
+    is also the sampler the loop steers."""
+    if params.shuffle and dist.rank == 0:
+        log("note: data_streaming reads the data in file order; shuffle does not apply")
+    if params.num_workers:
+        raise UserError("data_streaming=true tokenizes in the training process; set num_workers=0")
+    stream = streamed_samples(
+        _local_name(params.dataset),
+        spec=TokenizeSpec(
+            params.dataset_type,
+            params.max_seq_len,
+            get_template(params.template) if params.dataset_type == "instruct" else None,
+            params.train_on_input,
+        ),
+        tokenizer=tokenizer,
+        column_map=params.column_map,
+        split=params.split,
+        split_key="split",
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_samples=(params.max_steps_per_epoch or 0) * params.batch_size * params.gradient_accumulation_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=params.batch_size, collate_fn=partial(collate, pad_id=tokenizer.pad_id)
+    )
+    return loader, stream
 
 
 def build_eval_data(
@@ -152,7 +191,9 @@ def _local_name(source: str) -> str:
     return str(resolve_path(source)) if source.startswith("pkg:") else source
 
 
-def steps_per_epoch(params: FullFinetuneParams, sampler: ResumableDistributedSampler, world_size: int) -> int:
+def steps_per_epoch(
+    params: FullFinetuneParams, sampler: Union[ResumableDistributedSampler, StreamedSamples], world_size: int
+) -> int:
     """Optimizer steps in one epoch: whole accumulation groups only, capped by max_steps_per_epoch."""
     samples_per_step = params.batch_size * params.gradient_accumulation_steps
     full_steps = sampler.num_samples // samples_per_step
