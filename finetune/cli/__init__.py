@@ -1,5 +1,5 @@
 """The `tune` command: resolve a recipe name (or a user's `.py` file) and run it, in this process or
-through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate` and `job`.
+through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate`, `report` and `job`.
 
 The launcher sits above the config layer (`finetune.config`, `finetune.params`) and the recipes:
 recipes never import it. It loads recipe modules by name through the registry, so starting it
@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from finetune.cli.commands import cmd_cp, cmd_job, cmd_ls, cmd_validate, params_class_for
 from finetune.cli.registry import load_recipe_module
+from finetune.cli.report import cmd_report
 from finetune.cli.torchrun import check_launcher_args, needs_torchrun, run_with_torchrun, split_launcher_args
 
 # Kept importable from here, where recipes and user code found them before the config layer split off.
@@ -30,6 +31,7 @@ USAGE = """usage: tune [torchrun flags] <recipe | path/to/recipe.py> --config X 
        tune ls                       list recipes and their configs
        tune cp <recipe|config> DEST  copy a recipe file or config out to edit
        tune validate --config X [k=v ...] [--recipe R]   check and print the resolved params
+       tune report OUTPUT_DIR        summarise a run; plot its loss and lr to OUTPUT_DIR/report.png
        tune job --job_config_name C [--dataset_id D] [--results_url U] ...   a production job
                                      (train, upload the results; tune job --help for the flags)
 
@@ -59,6 +61,8 @@ def tune_main(argv: Sequence[str]) -> int:
             return cmd_cp(command_argv)
         if command == "validate":
             return cmd_validate(command_argv)
+        if command == "report":
+            return cmd_report(command_argv)
         if command == "job":
             return cmd_job(command_argv)
     if needs_torchrun(launcher) and not {"-h", "--help"} & set(command_argv):  # help is printed once, here

@@ -25,6 +25,7 @@ DEFERRABLE = (
     "torch.utils.tensorboard",
     "wandb",
     "redis",
+    "matplotlib",
     "torch.distributed",
 )
 
