@@ -124,7 +124,8 @@ def summary_lines(run: RunRecord) -> list[str]:
     lines = [f"run       {run.output_dir}", f"state     {state}"]
     last_step = status.get("step", run.steps[-1] if run.steps else 0)
     epoch = status.get("epoch")
-    lines.append(f"steps     {last_step}" + (f" (epoch {epoch})" if epoch is not None else ""))
+    # status.json counts epochs from 0; people count them from 1.
+    lines.append(f"steps     {last_step}" + (f" (epoch {epoch + 1})" if isinstance(epoch, int) else ""))
     if run.seconds is not None:
         lines.append(f"time      {_duration(run.seconds)}")
     if run.tokens_per_second:

@@ -54,7 +54,7 @@ def test_summary_gives_the_runs_own_figures_without_torch(finished_run):
     losses = [r["loss"] for r in records if "loss" in r]
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert "state     done" in lines
-    assert "steps     12 (epoch 0)" in lines
+    assert "steps     12 (epoch 1)" in lines
     assert f"loss      {losses[0]:.4f} at step 1 -> {losses[-1]:.4f} at step 12" in done.stdout
     assert f"eval loss best {min(evals):.4f}" in done.stdout
     assert any(line.startswith("time      ") for line in lines)
