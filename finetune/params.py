@@ -147,7 +147,10 @@ class ParamsIO:
     def hint_for_unknown_key(cls, key: str) -> str:
         """What TuneArgumentParser adds when `key` is not ours: a LoRA setting names the LoRA recipe."""
         if key in _field_names(LoraFinetuneParams) - _field_names(cls):
-            return "it is a LoRA setting: run this config with lora_finetune_single_device or lora_finetune_distributed"
+            return (
+                "it is a LoRA setting: run this config with tune lora_finetune "
+                "(also named lora_finetune_single_device and lora_finetune_distributed)"
+            )
         return ""
 
     def check_before_run(self) -> list[str]:

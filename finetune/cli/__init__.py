@@ -1,6 +1,6 @@
 """The `tune` command: resolve a recipe name (or a user's `.py` file) and run it, in this process or
-through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate`, `job`,
-`submit` and `worker`.
+through torchrun when more than one process or node is asked for; also `ls`, `cp`, `validate`, `report`,
+`job`, `submit` and `worker`.
 
 The launcher sits above the config layer (`finetune.config`, `finetune.params`) and the recipes:
 recipes never import it. It loads recipe modules by name through the registry, so starting it
@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from finetune.cli.commands import cmd_cp, cmd_job, cmd_ls, cmd_submit, cmd_validate, cmd_worker, params_class_for
 from finetune.cli.registry import load_recipe_module
+from finetune.cli.report import cmd_report
 from finetune.cli.torchrun import check_launcher_args, needs_torchrun, run_with_torchrun, split_launcher_args
 
 # Kept importable from here, where recipes and user code found them before the config layer split off.
@@ -31,6 +32,7 @@ USAGE = """usage: tune [torchrun flags] <recipe | path/to/recipe.py> --config X 
        tune ls                       list recipes and their configs
        tune cp <recipe|config> DEST  copy a recipe file or config out to edit
        tune validate --config X [k=v ...] [--recipe R]   check and print the resolved params
+       tune report OUTPUT_DIR        summarise a run; plot its loss and lr to OUTPUT_DIR/report.png
        tune job --job_config_name C [--dataset_id D] [--results_url U] ...   a production job
                                      (train, upload the results; tune job --help for the flags)
        tune submit --broker redis://H:P/N <tune job's flags>   queue a job; prints its id
@@ -62,6 +64,8 @@ def tune_main(argv: Sequence[str]) -> int:
             return cmd_cp(command_argv)
         if command == "validate":
             return cmd_validate(command_argv)
+        if command == "report":
+            return cmd_report(command_argv)
         if command == "job":
             return cmd_job(command_argv)
         if command == "submit":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import re
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -213,12 +214,18 @@ def _quiet_after_user_error(record: logging.LogRecord) -> bool:
     return not (message.startswith("failed (exitcode: %s)") and record.args and record.args[0] == 2)
 
 
+def worker_threads(local_processes: int) -> int:
+    """CPU threads per worker: this machine's cores (those the launcher may use) shared among its processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
+
+
 def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) -> int:
     """Launch through torch's elastic launcher; a failed worker becomes an exit status."""
     # torch takes seconds to import: only a multi-process launch needs it, not `tune ls` or a single process.
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.run import determine_local_world_size, get_args_parser, run
 
     if recipe.endswith(".py"):
         # Each worker loads the file as a single process does: its main(argv) runs, guard or not.
@@ -227,6 +234,11 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
         target = ["-m", find_recipe(recipe).module]
     args = get_args_parser().parse_args([*launcher, *target, *recipe_argv])
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_quiet_after_user_error)
+    # Unset, torchrun gives every worker one thread and prints a banner saying so on every run; a
+    # user's own OMP_NUM_THREADS is left as it is.
+    threads_chosen_here = "OMP_NUM_THREADS" not in os.environ
+    if threads_chosen_here:
+        os.environ["OMP_NUM_THREADS"] = str(worker_threads(determine_local_world_size(args.nproc_per_node)))
     try:
         run(args)
     except ChildFailedError as exc:
@@ -236,4 +248,7 @@ def run_with_torchrun(launcher: list[str], recipe: str, recipe_argv: list[str]) 
         # Ctrl-C or SIGTERM reached the launcher, which passed it on: the workers stop after their
         # step and save; the launcher exits as they do, 128 + the signal (130 or 143).
         return 128 + int(exc.sigval)
+    finally:
+        if threads_chosen_here:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return 0

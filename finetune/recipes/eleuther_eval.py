@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +40,12 @@ def import_lm_eval() -> ModuleType:
         ) from None
 
 
+def _without_metadata_flag_hint(record: logging.LogRecord) -> bool:
+    """Drop lm-eval's hint, for a task with its own dataset function, to pass `--metadata` on its
+    command line: `tune eleuther_eval` has no such flag (the task YAML's `metadata:` is read)."""
+    return "`--metadata`" not in record.getMessage()
+
+
 class EleutherEvalRecipe:
     """Check the tasks, load the model, run the harness, report."""
 
@@ -53,6 +60,7 @@ class EleutherEvalRecipe:
         p = self.params
         p.check()  # a notebook may have changed a field since the params were built
         self.lm_eval = import_lm_eval()
+        logging.getLogger("lm_eval.api.task").addFilter(_without_metadata_flag_hint)
         # Task names and the results path are checked before gigabytes of weights are read.
         self.task_manager = self._task_manager()
         self.results_path = results_file(p.output_path) if p.output_path is not None else None

@@ -7,6 +7,7 @@ import pytest
 
 from finetune.data import build_dataset
 from finetune.data.demo import DEMO_DIR, demo_path, make_demo_data
+from finetune.data.demo.make_demo_data import FAMILIES, family_of
 from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
 
@@ -25,25 +26,36 @@ def test_demo_files_exist_and_are_small() -> None:
 
 def test_demo_records_are_disjoint_and_correct() -> None:
     train, heldout = read_jsonl(demo_path("train.jsonl")), read_jsonl(demo_path("heldout.jsonl"))
-    assert (len(train), len(heldout)) == (18039, 200)
+    assert (len(train), len(heldout)) == (11831, 200)
     keys = {(r["instruction"], r["input"]) for r in train}
-    assert len(keys) == 18039
+    assert len(keys) == len(train)
     assert not keys & {(r["instruction"], r["input"]) for r in heldout}
-    checked = 0
     for r in train + heldout:
         words = r["input"].split()
-        if r["instruction"] == "Add the two numbers.":
+        family = family_of(r["instruction"])
+        if family == "arithmetic":
             assert int(r["output"]) == int(words[0]) + int(words[2])
-        elif r["instruction"] == "Reverse the order of the words.":
+        elif family == "comparing":
+            assert int(r["output"]) == max(int(words[0]), int(words[2]))
+        elif family == "reversing":
             assert r["output"].split() == words[::-1]
-        elif r["instruction"] == "Sort the words alphabetically.":
+        elif family == "sorting":
             assert r["output"].split() == sorted(words)
-        elif r["instruction"] == "Convert kilometers to meters.":
-            assert r["output"] == f"{int(words[0]) * 1000} m"
+        elif family == "units":
+            factor = {"cm": 100, "m": 1000, "mm": 10, "g": 1000, "ml": 1000}[r["output"].split()[1]]
+            assert int(r["output"].split()[0]) == int(words[0]) * factor
         else:
-            continue
-        checked += 1
-    assert checked > 2000
+            assert family == "counting", r
+            start, end = (int(n) for n in r["instruction"].removesuffix(".").split()[2::2])
+            assert r["output"] == " ".join(str(n) for n in range(start, end + 1))
+
+
+def test_every_family_has_its_share_of_the_held_out_prompts() -> None:
+    heldout = read_jsonl(demo_path("heldout.jsonl"))
+    counts = {name: 0 for name in FAMILIES}
+    for r in heldout:
+        counts[family_of(r["instruction"])] += 1
+    assert counts == {name: share for name, (_, _, share) in FAMILIES.items()}
 
 
 def test_demo_tokenizer_has_512_pieces(sp_tokenizer: Tokenizer) -> None:

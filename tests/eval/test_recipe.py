@@ -1,6 +1,8 @@
 """`tune eleuther_eval` end to end on local task YAMLs, and its errors."""
 
 import json
+import logging
+import logging.handlers
 import shutil
 import sys
 
@@ -159,6 +161,9 @@ def test_a_quantized_checkpoint_is_scored(capsys, task_dir, tmp_path):
 
 def test_the_demo_task_config_runs(capsys, checkpoint_dir, tmp_path):
     output = tmp_path / "demo.json"
+    task_log = logging.getLogger("lm_eval.api.task")
+    seen = logging.handlers.BufferingHandler(capacity=1000)
+    task_log.addHandler(seen)
     code, stdout, err = run(
         capsys,
         "eleuther_eval",
@@ -173,6 +178,10 @@ def test_the_demo_task_config_runs(capsys, checkpoint_dir, tmp_path):
     assert results["n-samples"]["demo_exact_match"]["effective"] == 8
     assert 0 <= results["results"]["demo_exact_match"]["exact_match,none"] <= 1
     assert "demo_exact_match" in stdout
+    # lm-eval's advice to pass its own `--metadata` flag, which tune has not, is not shown.
+    task_log.removeHandler(seen)
+    assert not [r for r in seen.buffer if "--metadata" in r.getMessage()]
+    assert "--metadata" not in err
 
 
 def test_a_copy_of_the_demo_task_folder_runs_from_anywhere(capsys, checkpoint_dir, tmp_path):

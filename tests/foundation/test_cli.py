@@ -85,7 +85,7 @@ def test_a_lora_config_under_the_full_recipe_names_the_lora_recipe(capsys):
     code, out = run_in_process(capsys, "finetune_llm", "--config", "tiny_lora")
     line = single_error_line(out.err)
     assert code == 2 and "unknown key 'lora_attn_modules'" in line
-    assert "run this config with lora_finetune_single_device" in line
+    assert "run this config with tune lora_finetune (also named lora_finetune_single_device and" in line
 
 
 def test_malformed_yaml_names_the_line(capsys, tmp_path):
@@ -318,3 +318,40 @@ def test_a_regular_install_ships_every_config(tmp_path):
     shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/finetune/configs/" in n}
     assert shipped == {p.name for p in (REPO / "configs").glob("*.yaml")}
     assert len(shipped) >= 10
+
+
+@pytest.mark.slow
+def test_workers_share_the_cores_without_torchruns_thread_banner(tmp_path):
+    from finetune.cli.torchrun import worker_threads
+
+    recipe = tmp_path / "threads.py"
+    recipe.write_text(
+        "import os\n"
+        "import torch\n"
+        "def main(argv):\n"
+        "    print(f\"rank {os.environ['RANK']} threads {os.environ['OMP_NUM_THREADS']} {torch.get_num_threads()}\")\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "--nproc_per_node", "2", str(recipe)],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(REPO)},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = worker_threads(2)
+    assert sorted(result.stdout.split("\n")[:2]) == [f"rank {r} threads {expected} {expected}" for r in (0, 1)]
+    assert "OMP_NUM_THREADS" not in result.stderr
+    # A user's own setting is kept.
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "--nproc_per_node", "2", str(recipe)],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "3"},
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.rsplit(" ", 1)[0] for line in result.stdout.split("\n")[:2]) == [
+        f"rank {r} threads 3" for r in (0, 1)
+    ]

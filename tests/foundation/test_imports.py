@@ -27,6 +27,7 @@ DEFERRABLE = (
     "redis",
     "celery",
     "kombu",
+    "matplotlib",
     "torch.distributed",
 )
 

@@ -38,7 +38,7 @@ CPU_SCHEMES = sorted(PERPLEXITY_BOUND)
 GROUP_SIZE = 32
 
 
-def calibration_rows(tokenizer, count: int = 32) -> list[torch.Tensor]:
+def calibration_rows(tokenizer, count: int = 128) -> list[torch.Tensor]:
     dataset = build_dataset(
         str(TRAIN), dataset_type="instruct", tokenizer=tokenizer, max_seq_len=64, template="plain", train_on_input=True
     )
@@ -87,8 +87,8 @@ def test_every_linear_is_quantized_and_perplexity_stays_close(scheme, quantized,
 
 
 def test_gptq_keeps_perplexity_closer_than_rounding(quantized, fp32_model, heldout, tokenizer):
-    """Same int4 grid and group size; GPTQ calibrated on training prompts changes held-out
-    perplexity less than round-to-nearest (measured: +0.17% against +0.56%)."""
+    """Same int4 grid and group size; GPTQ calibrated on 128 training prompts (the usual
+    calibration size) changes held-out perplexity less than round-to-nearest."""
     base, _ = perplexity(fp32_model, heldout, batch_size=16, pad_id=tokenizer.pad_id)
     rtn, _ = perplexity(quantized["int4_weight_only"], heldout, batch_size=16, pad_id=tokenizer.pad_id)
     gptq, _ = perplexity(quantized["gptq_int4"], heldout, batch_size=16, pad_id=tokenizer.pad_id)

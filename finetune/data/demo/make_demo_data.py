@@ -2,11 +2,13 @@
 
     python -m finetune.data.demo.make_demo_data [--out DIR]
 
-Writes `train.jsonl` (18039 alpaca-format records), `heldout.jsonl` (200 records none of
-which appear in train) and `tokenizer.model` (SentencePiece BPE, exactly 512 pieces).
-The tasks are small and rule-based (adding numbers, picking the larger one, reversing and
-sorting words, unit conversions, counting) so that a model of a few million parameters
-visibly learns them within minutes on a laptop CPU.
+Writes `train.jsonl` (alpaca-format records), `heldout.jsonl` (200 records, an equal share
+from each task family, none of which appear in train) and `tokenizer.model` (SentencePiece
+BPE, exactly 512 pieces, one piece per digit). The tasks are small and rule-based (adding
+numbers, picking the larger one, reversing and sorting words, unit conversions, counting):
+every answer is computed from its prompt, so a held-out prompt can only be answered by a
+model that learned the rule, which a model of a few million parameters does within minutes
+on a laptop CPU.
 """
 
 import argparse
@@ -24,15 +26,14 @@ from finetune.data.templates import ALPACA
 Record = dict[str, str]
 
 SEED = 20240601
-NUM_HELDOUT = 200
 VOCAB_SIZE = 512
 WORDS = ("cat dog sun tree book milk fish bird lamp rain star moon door cake ship frog hat pen cup box").split()
 UNITS = (  # (from, to, factor, instruction)
     ("m", "cm", 100, "Convert meters to centimeters."),
     ("km", "m", 1000, "Convert kilometers to meters."),
-    ("h", "min", 60, "Convert hours to minutes."),
+    ("cm", "mm", 10, "Convert centimeters to millimeters."),
     ("kg", "g", 1000, "Convert kilograms to grams."),
-    ("min", "s", 60, "Convert minutes to seconds."),
+    ("l", "ml", 1000, "Convert liters to milliliters."),
 )
 
 
@@ -41,8 +42,8 @@ def _record(instruction: str, input: str, output: str) -> Record:
 
 
 def add_numbers() -> Iterator[Record]:
-    for a in range(50):
-        for b in range(50):
+    for a in range(1000):
+        for b in range(10):
             yield _record("Add the two numbers.", f"{a} and {b}", str(a + b))
 
 
@@ -73,37 +74,58 @@ def convert_units() -> Iterator[Record]:
 
 def count_up() -> Iterator[Record]:
     # No input: exercises the template's instruction-only form.
-    for start in range(61):
-        for length in range(3, 7):
-            numbers = " ".join(str(n) for n in range(start, start + length))
-            yield _record(f"Count from {start} to {start + length - 1}.", "", numbers)
+    for start in range(1000):
+        numbers = " ".join(str(n) for n in range(start, start + 4))
+        yield _record(f"Count from {start} to {start + 3}.", "", numbers)
 
 
-# How many records each task contributes (train and held-out together); no share exceeds its
-# task's pool, so no record repeats.
-TASKS: tuple[tuple[Callable[[], Iterator[Record]], int], ...] = (
-    (add_numbers, 2500),
-    (larger_number, 5000),
-    (reverse_words, 5000),
-    (sort_words, 5000),
-    (convert_units, 495),
-    (count_up, 244),
-)
+# Task family -> (its records, how many go to train, how many are held out). The shares stay
+# within each pool, so no record repeats; the held-out shares add up to NUM_HELDOUT.
+FAMILIES: dict[str, tuple[Callable[[], Iterator[Record]], int, int]] = {
+    "arithmetic": (add_numbers, 4000, 40),
+    "comparing": (larger_number, 3400, 32),
+    "reversing": (reverse_words, 1500, 32),
+    "sorting": (sort_words, 1500, 32),
+    "units": (convert_units, 463, 32),
+    "counting": (count_up, 968, 32),
+}
+NUM_HELDOUT = sum(heldout for _, _, heldout in FAMILIES.values())
+
+
+def family_of(instruction: str) -> str:
+    """The task family a demo instruction belongs to (the name scores are reported by)."""
+    if instruction.startswith("Add "):
+        return "arithmetic"
+    if instruction.startswith("Which number"):
+        return "comparing"
+    if instruction.startswith("Reverse "):
+        return "reversing"
+    if instruction.startswith("Sort "):
+        return "sorting"
+    if instruction.startswith("Convert "):
+        return "units"
+    if instruction.startswith("Count "):
+        return "counting"
+    return "other"
 
 
 def make_records(seed: int = SEED) -> tuple[list[Record], list[Record]]:
     """(train, heldout): disjoint, shuffled, the same for the same seed."""
     rng = random.Random(seed)
-    records: list[Record] = []
-    for task, share in TASKS:
-        pool = list(task())
-        records += rng.sample(pool, share)
-    rng.shuffle(records)
-    return records[NUM_HELDOUT:], records[:NUM_HELDOUT]
+    train: list[Record] = []
+    heldout: list[Record] = []
+    for task, num_train, num_heldout in FAMILIES.values():
+        chosen = rng.sample(list(task()), num_train + num_heldout)
+        heldout += chosen[:num_heldout]
+        train += chosen[num_heldout:]
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
 
 
 def tokenizer_sentences(records: list[Record]) -> Iterator[str]:
-    """Lines of the alpaca-rendered records, so prompt words get pieces of their own."""
+    """Lines of the alpaca-rendered records: the prompt words of both templates get pieces (the
+    plain template's lines are a subset), so either one fits the demo's 64-token samples."""
     for record in records:
         text = ALPACA.format(record["instruction"], record["input"]) + record["output"]
         yield from (line for line in text.split("\n") if line)
