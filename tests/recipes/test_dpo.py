@@ -15,10 +15,11 @@ from tests.recipes.helpers import TINY, as_argv, assert_same_tensors, metrics, t
 
 PAIRS = {
     "dataset": "pkg:data/demo/preference_train.jsonl",
+    "split": "train[:64]",  # a precomputed reference scores every pair before the first step
     "template": "plain",
     "lr": 1e-3,
 }
-HELD_OUT = {"eval_dataset": "pkg:data/demo/preference_heldout.jsonl", "eval_max_batches": 4}
+HELD_OUT = {"eval_dataset": "pkg:data/demo/preference_heldout.jsonl", "eval_split": "train[:16]"}
 LORA = {"use_lora": True, "lora_attn_modules": ["q_proj", "v_proj", "output_proj"], "apply_lora_to_mlp": True}
 
 
