@@ -36,6 +36,7 @@ from finetune.training.lr_schedule import SCHEDULES
 from finetune.training.metrics import LOGGERS
 from finetune.training.optim import OPTIMIZERS
 from finetune.training.precision import DTYPES
+from finetune.training.preference import LOSS_TYPES, REFERENCE_FREE
 
 # Paths starting with this prefix point inside the installed package (the demo data and
 # tokenizer ship there), so configs work from any working directory.
@@ -377,6 +378,51 @@ class LoraFinetuneParams(FullFinetuneParams):
         _require(
             bool(self.lora_attn_modules) or self.apply_lora_to_mlp or self.apply_lora_to_output,
             "no module gets an adapter: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output",
+        )
+
+
+PreferenceLossType = Literal[LOSS_TYPES]  # type: ignore[valid-type]
+
+
+@dataclass
+class DpoParams(LoraFinetuneParams):
+    """Preference tuning (DPO, IPO, SimPO) of every weight or, with use_lora, of LoRA adapters:
+    a fine-tune's parameters, the adapter's, and the preference loss's."""
+
+    dataset: str = param("pkg:data/demo/preference_train.jsonl", "preference pairs: a local file or folder, or HF name")
+    lr: float = param(1e-6, "peak learning rate (LoRA usually wants 10-100x more)")
+    use_lora: bool = param(False, "train LoRA adapters; the reference is then the base with them off")
+    loss_type: PreferenceLossType = param("sigmoid", "sigmoid (DPO), ipo, or simpo (no reference model)")
+    beta: float = param(0.1, "how far the policy may move from the reference (simpo: the reward scale)")
+    label_smoothing: float = param(0.0, "sigmoid, simpo: the chance a pair's preference is flipped (cDPO)")
+    simpo_gamma: float = param(0.5, "simpo: the target reward margin")
+    precompute_reference_logps: bool = param(
+        False, "score every pair with the starting model once before training instead of keeping a reference model"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(
+            self.dataset_type != "text",
+            "dataset_type=text has no prompt and responses to compare; use instruct (text pairs) or chat "
+            "(conversations)",
+        )
+        _require(not self.train_on_input, "train_on_input=true: preference losses score responses only; unset it")
+        _require(not self.packed, "packed=true: preference pairs are not packed; unset it")
+        _require(math.isfinite(self.beta) and self.beta > 0, f"beta={self.beta} must be positive and finite")
+        _require(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        _require(
+            self.label_smoothing == 0 or self.loss_type != "ipo",
+            "label_smoothing applies to loss_type sigmoid and simpo, not ipo; set label_smoothing=0",
+        )
+        _require(math.isfinite(self.simpo_gamma), f"simpo_gamma={self.simpo_gamma} must be finite")
+        _require(
+            self.use_lora or not (self.quantize_base or self.use_dora),
+            "quantize_base and use_dora are LoRA settings; set use_lora=true or unset them",
+        )
+        _require(
+            not (self.precompute_reference_logps and self.loss_type in REFERENCE_FREE),
+            f"loss_type={self.loss_type} uses no reference; unset precompute_reference_logps",
         )
 
 

@@ -30,7 +30,7 @@ RECIPES_PACKAGE = "finetune.recipes"
 
 # `tune ls` lists these first, in the order a newcomer meets them (train, try, shrink, score, test
 # the launcher); any other recipe follows by name. Only the order: a recipe needs no line here.
-LISTED_FIRST = ("full_finetune", "lora_finetune", "generate", "quantize", "eleuther_eval", "dummy")
+LISTED_FIRST = ("full_finetune", "lora_finetune", "dpo", "generate", "quantize", "eleuther_eval", "dummy")
 
 # `# recipe: full_finetune, dummy`: the recipes a config is for.
 _RECIPE_LINE = re.compile(r"#\s*recipe:\s*(?P<names>[\w, ]+?)\s*")

@@ -8,7 +8,8 @@ model that contains `LoRALinear` modules.
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
@@ -76,6 +77,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank
         self.use_dora, self.quantize_base = use_dora, quantize_base
+        self.adapter_enabled = True  # off: the base layer alone (a preference run's reference model)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim, **factory), requires_grad=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -175,6 +177,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._base(x)
+        if not self.adapter_enabled:
+            return base
         dropped = self.dropout(x)
         lora = self.lora_b(self.lora_a(dropped)) * self.scale
         if self.magnitude is None:
@@ -297,6 +301,19 @@ def nf4_base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base model: every LoRALinear computes its frozen base layer alone."""
+    modules = list(lora_modules(model).values())
+    for module in modules:
+        module.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.adapter_enabled = True
 
 
 def adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:

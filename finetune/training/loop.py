@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -50,11 +50,22 @@ from finetune.training.steps import accumulate_gradients, count_non_pad_tokens, 
 Batch = dict[str, torch.Tensor]
 
 
+class Objective(Protocol):
+    """A training objective other than the supervised loss (a preference loss, say): it
+    backpropagates a step's micro-batches and returns `loss` plus what else it measured, and
+    evaluates held-out batches into `eval_*` metrics."""
+
+    def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> dict[str, float]: ...
+
+    def evaluate(self, loader: torch.utils.data.DataLoader) -> dict[str, float]: ...
+
+
 class TrainingLoop:
     """Trains `trainable_params` of `model` over `data` and saves `step_<N>/` checkpoints.
 
     `gather_weights` runs on every rank at a save (gathering is collective) and returns what
-    `write_weights(gathered, folder)` then writes on rank 0 alone.
+    `write_weights(gathered, folder)` then writes on rank 0 alone. Without an `objective` the
+    loop trains and evaluates the supervised next-token loss.
     """
 
     def __init__(
@@ -68,8 +79,10 @@ class TrainingLoop:
         gather_weights: Callable[[], Any],
         write_weights: Callable[[Any, Path], None],
         resume_dir: Optional[Path] = None,
+        objective: Optional[Objective] = None,
     ) -> None:
         p = run.params
+        self.objective = objective
         self.run, self.params, self.model, self.trainable_params = run, p, model, trainable_params
         self.train_loader, self.sampler, self.eval_loader = data.train_loader, data.sampler, data.eval_loader
         self.steps_per_epoch = data.steps_per_epoch
@@ -147,7 +160,7 @@ class TrainingLoop:
         p, run = self.params, self.run
         run.monitor.set_state("running")
         if self.eval_loader is not None and self.global_step == 0:
-            self._log_metrics({"eval_loss": self.evaluate()})
+            self._log_metrics(self._eval_metrics())
         progress = tqdm(
             total=self.steps_per_epoch * p.epochs,
             initial=self.global_step,
@@ -167,7 +180,7 @@ class TrainingLoop:
             progress.close()
         evaluated_last_step = bool(p.eval_every_n_steps) and self.global_step % p.eval_every_n_steps == 0
         if self.eval_loader is not None and not evaluated_last_step:
-            self._log_metrics({"eval_loss": self.evaluate()})
+            self._log_metrics(self._eval_metrics())
         run.monitor.finish()
 
     def _train_epochs(self, progress: tqdm, profiler: Any, stop: StopAtStepBoundary) -> None:
@@ -212,7 +225,7 @@ class TrainingLoop:
                 self._log_metrics(metrics)
                 self.run.events.step(step=self.global_step, epoch=self.epoch, **metrics)
             if self.eval_loader is not None and p.eval_every_n_steps and self.global_step % p.eval_every_n_steps == 0:
-                self._log_metrics({"eval_loss": self.evaluate()})
+                self._log_metrics(self._eval_metrics())
             if p.save_every_n_steps and self.global_step % p.save_every_n_steps == 0:
                 self.save_checkpoint()
             profiler.step()
@@ -222,7 +235,11 @@ class TrainingLoop:
 
     def train_step(self, micro_batches: Sequence[Batch]) -> dict[str, float]:
         """One optimizer step over `micro_batches` (gradient accumulation)."""
-        loss = self.accumulate_gradients(micro_batches)
+        if self.objective is None:
+            measured = {"loss": self.accumulate_gradients(micro_batches)}
+        else:
+            measured = self.objective.accumulate_gradients(micro_batches)
+        loss = measured["loss"]
         check_finite_loss(loss, self.global_step + 1, self._last_checkpoint_dir())
         grad_norm = clip_grad_norm(self.trainable_params, self.params.clip_grad_norm or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -230,7 +247,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         tokens = count_non_pad_tokens(micro_batches, self.pad_id, self.run.device)
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return {**measured, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     def accumulate_gradients(self, micro_batches: Sequence[Batch]) -> float:
         """Backpropagate every micro-batch; the loss is normalised by all their trained tokens."""
@@ -254,6 +271,12 @@ class TrainingLoop:
             max_batches=self.params.eval_max_batches,
         )
 
+    def _eval_metrics(self) -> dict[str, float]:
+        if self.objective is None:
+            return {"eval_loss": self.evaluate()}
+        assert self.eval_loader is not None
+        return self.objective.evaluate(self.eval_loader)
+
     def _last_checkpoint_dir(self) -> Optional[Path]:
         return None if self.last_saved_step is None else self.run.output_dir / f"step_{self.last_saved_step}"
 
@@ -261,7 +284,8 @@ class TrainingLoop:
         for logger in self.metric_loggers:
             logger.log(self.global_step, metrics)
         if "eval_loss" in metrics:
-            self.run.log(f"step {self.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+            said = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
+            self.run.log(f"step {self.global_step}: {said}")
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints

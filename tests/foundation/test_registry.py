@@ -18,8 +18,8 @@ from finetune.config import CONFIG_DIR, read_config
 
 def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
     (tmp_path / "__init__.py").write_text("")
-    (tmp_path / "dpo.py").write_text(
-        "ALIASES = ('dpo_single_device',)\nPARAMS_CLASS = object\ndef main(argv): return 0\n"
+    (tmp_path / "ppo.py").write_text(
+        "ALIASES = ('ppo_single_device',)\nPARAMS_CLASS = object\ndef main(argv): return 0\n"
     )
     (tmp_path / "helpers.py").write_text("def main(argv): return 0\n")  # no PARAMS_CLASS: a helper, not a recipe
     (tmp_path / "dummy.py").write_text("PARAMS_CLASS = object\nmain = print\n")
@@ -29,7 +29,7 @@ def test_a_recipe_is_a_module_with_main_and_params_class(tmp_path):
     assert [(e.name, e.module, e.aliases) for e in found] == [
         ("dummy", "mypkg.dummy", ()),  # the recipes listed first come first, in their order
         ("broken", "mypkg.broken", ()),
-        ("dpo", "mypkg.dpo", ("dpo_single_device",)),
+        ("ppo", "mypkg.ppo", ("ppo_single_device",)),
     ]
 
 
