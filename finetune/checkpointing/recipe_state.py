@@ -204,13 +204,13 @@ def check_checkpoint_kind(checkpoint: Path, lora: bool) -> None:
     """A LoRA run's checkpoint holds an adapter and a full run's a model: each resumes only under
     its own recipe."""
     if (checkpoint / "adapter_config.json").is_file() != lora:
-        kind, recipe = (
-            ("a LoRA", "lora_finetune_single_device")
+        kind, recipes = (
+            ("a LoRA", "tune lora_finetune, or tune dpo with use_lora=true")
             if not lora
-            else ("a full fine-tune", "full_finetune_single_device")
+            else ("a full fine-tune", "tune full_finetune, or tune dpo with use_lora=false")
         )
         raise UserError(
-            f"{checkpoint} is a checkpoint of {kind} run; resume it with {recipe} (or its _distributed alias), "
+            f"{checkpoint} is a checkpoint of {kind} run; resume it with the recipe that wrote it ({recipes}), "
             "or choose another output_dir"
         )
 

@@ -178,8 +178,8 @@ def test_resume_refuses_changed_adapter_settings_and_the_other_recipe(tmp_path, 
     )
     assert main(["finetune_llm", *run, "resume_from_checkpoint=true"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: {out / 'step_2'} is a checkpoint of a LoRA run; resume it with lora_finetune_single_device "
-        "(or its _distributed alias), or choose another output_dir"
+        f"error: {out / 'step_2'} is a checkpoint of a LoRA run; resume it with the recipe that wrote it "
+        "(tune lora_finetune, or tune dpo with use_lora=true), or choose another output_dir"
     )
     assert (out / "params.yaml").read_text() == saved_params
 
