@@ -52,7 +52,16 @@ class _CheckpointPlan:
         self.format = detect_format(directory) if checkpoint_format == "auto" else checkpoint_format
         if self.format == "hf":
             self.reader: Union[HFReader, MetaReader] = HFReader(directory)
-            to_ours, ignored, self.to_theirs = from_hf_name, HF_IGNORED, to_hf_name
+            sandwich = args.sandwich_norms
+            ignored = HF_IGNORED
+
+            def to_ours(name: str) -> Optional[str]:
+                return from_hf_name(name, sandwich)
+
+            def to_theirs(name: str) -> Optional[str]:
+                return to_hf_name(name, sandwich)
+
+            self.to_theirs = to_theirs
         else:
             self.reader = MetaReader(directory, args.dim)
             to_ours, ignored, self.to_theirs = from_meta_name, META_IGNORED, to_meta_name
