@@ -163,6 +163,11 @@ def _rope_entry(theta: float, scaling: Optional[RopeScaling]) -> dict[str, Any]:
     }
 
 
+def _whole(value: Optional[float]) -> Optional[float]:
+    """transformers 5 checks config types strictly and wants a whole number as an int."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
 def family_hf_config(args: ModelArgs, common: dict[str, Any]) -> dict[str, Any]:
     """config.json for a non-Llama family: `common` (the keys every family shares) plus its own."""
     model_type, architecture = ARCHITECTURES[args.family]
@@ -174,7 +179,7 @@ def family_hf_config(args: ModelArgs, common: dict[str, Any]) -> dict[str, Any]:
         config.pop("hidden_act")
         config.update(
             hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=args.query_pre_attn_scalar,
+            query_pre_attn_scalar=_whole(args.query_pre_attn_scalar),
             sliding_window=args.sliding_window,
             layer_types=layer_types,
             rope_theta=args.rope_theta,
