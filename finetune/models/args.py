@@ -64,6 +64,8 @@ class ModelArgs:
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.layer_types is not None:
             self.layer_types = list(self.layer_types)
+        if self.attn_head_dim is not None and self.attn_head_dim * self.n_heads == self.dim:
+            self.attn_head_dim = None  # one spelling per architecture, so equal shapes compare equal
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
