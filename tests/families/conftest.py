@@ -54,22 +54,23 @@ def hf_classes(prefix: str):
     return getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
 
 
+def build_family_model(name: str, seed: int = 0, **overrides):
+    """An eval-mode transformers model of config `name` with random fp32 weights, norms and biases
+    included (transformers starts norms at one, biases at zero)."""
+    prefix, values = FAMILY_CONFIGS[name]
+    config_class, model_class = hf_classes(prefix)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**_COMMON, **values, **overrides})).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5) if prefix == "Gemma3" else param.uniform_(0.5, 1.5)
+            elif param_name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+    return model
+
+
 @pytest.fixture
 def make_family_model() -> Callable:
-    """make_family_model(name, seed=0) -> an eval-mode transformers model with random fp32 weights,
-    norms and biases included (transformers starts norms at one, biases at zero)."""
-
-    def make(name: str, seed: int = 0, **overrides):
-        prefix, values = FAMILY_CONFIGS[name]
-        config_class, model_class = hf_classes(prefix)
-        torch.manual_seed(seed)
-        model = model_class(config_class(**{**_COMMON, **values, **overrides})).eval()
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if param_name.endswith("norm.weight"):
-                    param.uniform_(-0.5, 0.5) if prefix == "Gemma3" else param.uniform_(0.5, 1.5)
-                elif param_name.endswith(".bias"):
-                    param.normal_(0.0, 0.5)
-        return model
-
-    return make
+    """make_family_model(name, seed=0, **config overrides) -> see build_family_model."""
+    return build_family_model
