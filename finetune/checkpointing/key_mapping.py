@@ -59,8 +59,9 @@ _META_IN_LAYER = {
 _META_TOP = {"tok_embeddings": "tok_embeddings", "norm": "norm", "output": "output"}
 
 # Tensors some checkpoints carry that are derived, not learned: safe to drop on load.
-# Gemma 3 image-text checkpoints also hold a vision tower, which a text model does not use.
-HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^(model\.)?(vision_tower|multi_modal_projector)\.")
+HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Gemma 3 image-text checkpoints also hold a vision tower, which the text model does not use.
+GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 # Their text model sits under another prefix (transformers 4 and 5 layouts); it maps as a causal LM's.
 _HF_TEXT_MODEL_PREFIXES = (
     ("language_model.model.", "model."),

@@ -6,6 +6,7 @@ assigned in place, so peak memory stays near one copy of the weights.
 """
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -15,6 +16,7 @@ from torch import nn
 
 from finetune.checkpointing.formats import check_format_name, checkpoint_directory, describe_listing, detect_format
 from finetune.checkpointing.key_mapping import (
+    GEMMA3_VISION,
     HF_IGNORED,
     META_IGNORED,
     from_hf_name,
@@ -53,7 +55,9 @@ class _CheckpointPlan:
         if self.format == "hf":
             self.reader: Union[HFReader, MetaReader] = HFReader(directory)
             sandwich = args.sandwich_norms
-            ignored = HF_IGNORED
+            ignored = (
+                re.compile(f"{HF_IGNORED.pattern}|{GEMMA3_VISION.pattern}") if args.family == "gemma3" else HF_IGNORED
+            )
 
             def to_ours(name: str) -> Optional[str]:
                 return from_hf_name(name, sandwich)

@@ -120,3 +120,51 @@ def test_lora_run_through_tune_trains_and_loads_in_transformers_and_peft(snapsho
         assert (theirs_merged.eval()(tokens).logits - ours).abs().max().item() <= 1e-5
     tokenizer = transformers.AutoTokenizer.from_pretrained(step_dir / "merged")
     assert tokenizer.chat_template is not None
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"quantize_base": True}], ids=["dora", "qlora"])
+def test_dora_and_qlora_outputs_load_with_our_logits(snapshot, tmp_path, variant):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from finetune import ao
+    from finetune.params import LoraFinetuneParams
+    from finetune.recipes.lora_finetune import LoraFinetuneRecipe
+
+    family, model_dir = snapshot
+    params = LoraFinetuneParams(
+        model="auto",
+        checkpoint_dir=str(model_dir),
+        dataset=str(_chat_data(tmp_path / "chat.jsonl")),
+        dataset_type="chat",
+        max_seq_len=48,
+        batch_size=4,
+        max_steps_per_epoch=4,
+        lr=1e-2,
+        lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+        apply_lora_to_mlp=True,
+        device="cpu",
+        dtype="fp32",
+        output_dir=str(tmp_path / "out"),
+        **variant,
+    )
+    recipe = LoraFinetuneRecipe(params)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    model = recipe.model.eval()
+    if variant.get("quantize_base"):
+        bases = ("proj.weight", "w1.weight", "w2.weight", "w3.weight")
+        projections = [w for n, w in model.named_parameters() if n.startswith("layers.") and n.endswith(bases)]
+        assert len(projections) == 7 * len(model.layers) and all(ao.is_nf4(w) for w in projections)
+    step_dir = tmp_path / "out" / "step_4"
+    tokens = torch.randint(3, 400, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(tokens)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(step_dir / "merged", dtype=torch.float32).eval()
+        assert (merged(tokens).logits - ours).abs().max().item() <= 1e-5
+        if not variant.get("quantize_base"):  # PEFT puts the adapter on the full-precision base
+            base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            with_adapter = peft.PeftModel.from_pretrained(base, step_dir).eval()
+            assert (with_adapter(tokens).logits - ours).abs().max().item() <= 1e-5
+        source = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        assert (source(tokens).logits - ours).abs().max().item() > 1e-3  # the adapters did something

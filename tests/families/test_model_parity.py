@@ -71,3 +71,29 @@ def test_packed_documents_match_separate_rows(make_family_model, tmp_path, name)
         together = model(packed, document_ids=document_ids)[0]
         alone = torch.cat([model(first[None])[0], model(second[None])[0]])
     assert (together - alone).abs().max().item() <= TOLERANCE
+
+
+def test_gemma3_image_text_checkpoint_loads_its_text_model(tmp_path):
+    """Gemma 3 4B and up ship as image-text models: the text model loads, the vision tower is left."""
+    import transformers
+
+    from tests.families.conftest import _COMMON, FAMILY_CONFIGS
+
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = transformers.Gemma3Config(
+        text_config={**_COMMON, **FAMILY_CONFIGS["gemma3"][1]}, vision_config=vision, mm_tokens_per_image=4
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    hf_model.save_pretrained(tmp_path)
+    model, args = load_model(tmp_path, "auto")
+    assert args.family == "gemma3" and args.layer_types == FAMILY_CONFIGS["gemma3"][1]["layer_types"]
+    tokens = _tokens(args.vocab_size)
+    with torch.no_grad():
+        assert (model(tokens) - hf_model(input_ids=tokens).logits).abs().max().item() <= TOLERANCE
