@@ -116,10 +116,13 @@ def main() -> int:
         for name, tree, args in cells:
             result = measure(tree, args, opts.batch, opts.seq_len, opts.warmup, opts.steps)
             runs[name].append(result)
-            print(f"repeat {repeat + 1} {name}: {result['tokens_per_s']:.0f} tokens/s, "
-                  f"{result['memory'] / 2**20:.0f} MiB", file=sys.stderr)
+            print(
+                f"repeat {repeat + 1} {name}: {result['tokens_per_s']:.0f} tokens/s, "
+                f"{result['memory'] / 2**20:.0f} MiB",
+                file=sys.stderr,
+            )
     reference = {"qwen3": "llama", "qwen2_5": "llama", "gemma3": "llama_tied", "llama_before": "llama"}
-    print(f"| model | parameters | tokens/s (CPU time) | memory MiB | vs |")
+    print("| model | parameters | tokens/s (CPU time) | memory MiB | vs |")
     print("|---|---|---|---|---|")
     summary = {}
     for name, results in runs.items():

@@ -21,24 +21,56 @@ from finetune.models.args import ModelArgs
 from finetune.models.rope import RotaryEmbedding, apply_rotary
 
 
+class _LeanRMSNorm(torch.autograd.Function):
+    """RMSNorm that keeps only its input and 1/rms for backward and recomputes the normed values
+    there: one saved tensor per norm instead of three. Used by the norms the other families add to
+    Llama's (q/k norms, sandwich norms, Gemma's (1 + w) norms), so their extra activations stay small."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x32 * rstd
+        out = (normed * (1.0 + weight.float())).type_as(x) if plus_one else normed.type_as(x) * weight
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.plus_one = plus_one
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad32 = grad.float()
+        if ctx.plus_one:
+            scale, weight_input = 1.0 + weight.float(), normed
+        else:
+            scale, weight_input = weight.float(), normed.type_as(x).float()
+        grad_weight = (grad32 * weight_input).reshape(-1, x.shape[-1]).sum(0)
+        grad_normed = grad32 * scale
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.type_as(x), grad_weight.to(weight.dtype), None, None
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back to the input dtype.
 
     With `plus_one` (Gemma) the scale is (1 + weight), applied in fp32 before the cast, and the
-    weight starts at zero: that is how Gemma checkpoints store it.
+    weight starts at zero: that is how Gemma checkpoints store it. `lean` norms save less for
+    backward (`_LeanRMSNorm`); Llama's own norms keep plain autograd.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False) -> None:
+    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False, lean: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.plus_one = plus_one
+        self.lean = lean or plus_one
         self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return _LeanRMSNorm.apply(x, self.weight, self.eps, self.plus_one)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.plus_one:
-            return (normed * (1.0 + self.weight.float())).type_as(x)
         return normed.type_as(x) * self.weight
 
     def reset_parameters(self) -> None:
@@ -138,8 +170,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.output_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one)
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one, lean=True)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one, lean=True)
         else:
             self.q_norm = self.k_norm = None
         self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar**-0.5
@@ -217,8 +249,8 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
         self.mlp = FeedForward(args.dim, args.hidden_dim, args.mlp_activation)
         if args.sandwich_norms:
-            self.post_attn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
-            self.post_mlp_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
+            self.post_attn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one, lean=True)
+            self.post_mlp_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one, lean=True)
         else:
             self.post_attn_norm = self.post_mlp_norm = None
 
