@@ -116,3 +116,22 @@ def test_gradients_match_transformers(make_family_model, tmp_path, name):
     for our_name, param in model.named_parameters():
         their_grad = theirs[to_hf_name(our_name, args.sandwich_norms)].grad
         assert (param.grad - their_grad).abs().max().item() <= 1e-5, our_name
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_sharded_checkpoints_in_and_out(make_family_model, tmp_path, name):
+    import transformers
+
+    from finetune.checkpointing import save_hf_checkpoint
+
+    hf_model = make_family_model(name)
+    hf_model.save_pretrained(tmp_path / "theirs", max_shard_size="40KB")
+    assert len(list((tmp_path / "theirs").glob("model-*.safetensors"))) > 2
+    model, args = load_model(tmp_path / "theirs", "auto")
+    written = save_hf_checkpoint(model.state_dict(), args, tmp_path / "ours", max_shard_bytes=40_000)
+    assert sum(p.name.startswith("model-") for p in written) > 2
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf_model)
+    tokens = _tokens(args.vocab_size)
+    with torch.no_grad():
+        assert (reloaded(tokens).logits - hf_model(tokens).logits).abs().max().item() <= TOLERANCE
