@@ -12,6 +12,9 @@ machine hit all alike; results are medians over the repeats.
                the machine do not count; with one thread it is the step's own work)
     memory     peak resident set (VmHWM) at the end of the timed steps minus the resident set
                after imports: what the model, its gradients, optimizer state and activations took
+               (the allocator's caching makes it vary by a few percent between runs)
+    saved      bytes the forward keeps for backward (activations, parameters excluded), counted
+               exactly with saved-tensor hooks in one extra forward before the timed steps
 
 Shapes: every family at the same dim / layers / heads / MLP width, so their parameter counts are
 equal up to norms (Qwen 3's q/k norms, Gemma 3's extra norms) and biases (Qwen 2.5). Gemma 3 ties
@@ -72,6 +75,14 @@ model = build_model(ModelArgs(**spec["args"]))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 tokens = torch.randint(0, spec["args"]["vocab_size"], (spec["batch"], spec["seq_len"] + 1))
 inputs, labels = tokens[:, :-1], tokens[:, 1:]
+storages = {}
+def keep(t):
+    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return t
+with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    F.cross_entropy(model(inputs).flatten(0, 1).float(), labels.flatten())
+weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+saved = sum(n for ptr, n in storages.items() if ptr not in weights)
 times = []
 for step in range(spec["warmup"] + spec["steps"]):
     start = time.process_time()
@@ -82,7 +93,7 @@ for step in range(spec["warmup"] + spec["steps"]):
     optimizer.zero_grad(set_to_none=True)
     if step >= spec["warmup"]:
         times.append(time.process_time() - start)
-print(json.dumps({"params": num_params(model), "step_cpu_s": times, "memory": rss("VmHWM") - base_rss}))
+print(json.dumps({"params": num_params(model), "step_cpu_s": times, "memory": rss("VmHWM") - base_rss, "saved": saved}))
 """
 
 
@@ -122,20 +133,22 @@ def main() -> int:
                 file=sys.stderr,
             )
     reference = {"qwen3": "llama", "qwen2_5": "llama", "gemma3": "llama_tied", "llama_before": "llama"}
-    print("| model | parameters | tokens/s (CPU time) | memory MiB | vs |")
-    print("|---|---|---|---|---|")
+    print("| model | parameters | tokens/s (CPU time) | memory MiB | saved MiB | vs |")
+    print("|---|---|---|---|---|---|")
     summary = {}
     for name, results in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in results)
         mem = statistics.median(r["memory"] for r in results)
-        summary[name] = (results[0]["params"], tps, mem)
-    for name, (params, tps, mem) in summary.items():
+        summary[name] = (results[0]["params"], tps, mem, results[0]["saved"])
+    for name, (params, tps, mem, saved) in summary.items():
         ref = reference.get(name)
         versus = ""
         if ref in summary:
-            _, ref_tps, ref_mem = summary[ref]
-            versus = f"{ref}: {tps / ref_tps:.3f}x tokens/s, {mem / ref_mem:.3f}x memory"
-        print(f"| {name} | {params:,} | {tps:.0f} | {mem / 2**20:.0f} | {versus} |")
+            _, ref_tps, ref_mem, ref_saved = summary[ref]
+            versus = (
+                f"{ref}: {tps / ref_tps:.3f}x tokens/s, {mem / ref_mem:.3f}x memory, {saved / ref_saved:.3f}x saved"
+            )
+        print(f"| {name} | {params:,} | {tps:.0f} | {mem / 2**20:.0f} | {saved / 2**20:.0f} | {versus} |")
     return 0
 
 
