@@ -10,9 +10,13 @@ machine hit all alike; results are medians over the repeats.
 
     tokens/s   batch * seq_len / CPU seconds per timed step (process time, so other processes on
                the machine do not count; with one thread it is the step's own work)
-    memory     peak resident set (VmHWM) at the end of the timed steps minus the resident set
-               after imports: what the model, its gradients, optimizer state and activations took
-               (the allocator's caching makes it vary by a few percent between runs)
+    memory     peak resident set (VmHWM) after two training steps minus the resident set after
+               imports: what the model, its gradients, optimizer state and activations took. Taken
+               in a run of its own with glibc's mmap threshold fixed at 64 KiB
+               (MALLOC_MMAP_THRESHOLD_), so every freed tensor goes back to the system at once and
+               the peak is the peak of live memory, the same from run to run; with the default
+               allocator the figure varies by several percent between identical runs. The speed
+               runs keep the default allocator.
     saved      bytes the forward keeps for backward (activations, parameters excluded), counted
                exactly with saved-tensor hooks in one extra forward before the timed steps
 
@@ -97,9 +101,11 @@ print(json.dumps({"params": num_params(model), "step_cpu_s": times, "memory": rs
 """
 
 
-def measure(tree: Path, args: dict, batch: int, seq_len: int, warmup: int, steps: int) -> dict:
+def measure(tree: Path, args: dict, batch: int, seq_len: int, warmup: int, steps: int, exact_memory: bool) -> dict:
     spec = {"args": args, "batch": batch, "seq_len": seq_len, "warmup": warmup, "steps": steps}
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    if exact_memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True, text=True, check=True
     )
@@ -125,7 +131,8 @@ def main() -> int:
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in cells}
     for repeat in range(opts.repeats):
         for name, tree, args in cells:
-            result = measure(tree, args, opts.batch, opts.seq_len, opts.warmup, opts.steps)
+            result = measure(tree, args, opts.batch, opts.seq_len, opts.warmup, opts.steps, exact_memory=False)
+            result["memory"] = measure(tree, args, opts.batch, opts.seq_len, 1, 1, exact_memory=True)["memory"]
             runs[name].append(result)
             print(
                 f"repeat {repeat + 1} {name}: {result['tokens_per_s']:.0f} tokens/s, "

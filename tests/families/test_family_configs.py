@@ -82,3 +82,20 @@ def test_unsupported_variants_are_refused(tmp_path):
         model_args_from_hf_config(gemma2_like, tmp_path / "config.json")
     with pytest.raises(UserError, match="model_type 'phi3' is not supported"):
         model_args_from_hf_config({"model_type": "phi3"}, tmp_path / "config.json")
+
+
+def test_tune_stops_on_a_disagreeing_name_with_one_error_line(make_family_model, capsys, tmp_path):
+    from tests.cli_helpers import error_line, run
+
+    make_family_model("gemma3").save_pretrained(tmp_path / "ckpt")
+    code, _, err = run(
+        capsys,
+        "full_finetune",
+        "model=gemma3_1b",
+        f"checkpoint_dir={tmp_path / 'ckpt'}",
+        "dataset=pkg:data/demo/train.jsonl",
+        f"output_dir={tmp_path / 'out'}",
+        "device=cpu",
+    )
+    assert code == 2 and "Traceback" not in err
+    assert error_line(err).startswith("error: model=gemma3_1b does not match the checkpoint in")
