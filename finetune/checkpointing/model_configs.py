@@ -74,7 +74,7 @@ def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     model_type = config.get("model_type", "llama")
     if model_type == "gemma3":
         # Gemma 3 4B and up ship as image-text models; the text model is what trains here.
-        config, model_type = with_gemma3_defaults(_object(config, "text_config", path)), "gemma3_text"
+        config, model_type = with_gemma3_defaults(_text_config(config, path)), "gemma3_text"
     elif model_type == "gemma3_text":
         config = with_gemma3_defaults(config)
     if model_type not in _SUPPORTED_TYPES:
@@ -120,10 +120,10 @@ def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     )
 
 
-def _object(config: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
-    value = config.get(key)
+def _text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    value = config.get("text_config")
     if not isinstance(value, dict):
-        raise UserError(f"{path}: {key} must be a JSON object; fix or re-download the file")
+        raise UserError(f"{path}: an image-text Gemma 3 config needs a text_config object; fix or re-download the file")
     return value
 
 
