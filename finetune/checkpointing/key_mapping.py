@@ -3,6 +3,10 @@ and the q/k row permutation between Meta's interleaved rotary layout and ours.
 
 Names map by their longest known module prefix and keep any suffix, so the same functions
 name parameters (`layers.0.attn.q_proj.weight`) and adapter modules (`layers.0.attn.q_proj`).
+
+One Hugging Face name means two things: Llama's `post_attention_layernorm` is the norm before
+the MLP, Gemma 3's is the norm after attention (its pre-MLP norm is `pre_feedforward_layernorm`).
+The HF functions take `sandwich_norms` (ModelArgs') to say which layout is meant.
 """
 
 import re
@@ -23,10 +27,19 @@ _HF_IN_LAYER = {
     "mlp.w1": "mlp.gate_proj",
     "mlp.w2": "mlp.down_proj",
     "mlp.w3": "mlp.up_proj",
+    "attn.q_norm": "self_attn.q_norm",
+    "attn.k_norm": "self_attn.k_norm",
     "sa_norm": "input_layernorm",
     "mlp_norm": "post_attention_layernorm",
     "attn": "self_attn",
     "mlp": "mlp",
+}
+# Gemma 3: norms on both sides of attention and of the MLP.
+_HF_IN_SANDWICH_LAYER = {
+    **{ours: theirs for ours, theirs in _HF_IN_LAYER.items() if ours != "mlp_norm"},
+    "post_attn_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "post_mlp_norm": "post_feedforward_layernorm",
 }
 _HF_TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
@@ -47,6 +60,14 @@ _META_TOP = {"tok_embeddings": "tok_embeddings", "norm": "norm", "output": "outp
 
 # Tensors some checkpoints carry that are derived, not learned: safe to drop on load.
 HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# Gemma 3 image-text checkpoints also hold a vision tower, which the text model does not use.
+GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+# Their text model sits under another prefix (transformers 4 and 5 layouts); it maps as a causal LM's.
+_HF_TEXT_MODEL_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("model.language_model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
 META_IGNORED = re.compile(r"^rope\.freqs$")
 
 
@@ -79,17 +100,24 @@ def _inverse(table: dict[str, str]) -> dict[str, str]:
 
 
 _HF_IN_LAYER_INV, _HF_TOP_INV = _inverse(_HF_IN_LAYER), _inverse(_HF_TOP)
+_HF_IN_SANDWICH_LAYER_INV = _inverse(_HF_IN_SANDWICH_LAYER)
 _META_IN_LAYER_INV, _META_TOP_INV = _inverse(_META_IN_LAYER), _inverse(_META_TOP)
 
 
-def to_hf_name(name: str) -> Optional[str]:
+def to_hf_name(name: str, sandwich_norms: bool = False) -> Optional[str]:
     """Our dotted name -> Hugging Face's, or None when it is not a model name."""
-    return _translate(name, _LAYER, "model.layers.", _HF_IN_LAYER, _HF_TOP)
+    in_layer = _HF_IN_SANDWICH_LAYER if sandwich_norms else _HF_IN_LAYER
+    return _translate(name, _LAYER, "model.layers.", in_layer, _HF_TOP)
 
 
-def from_hf_name(name: str) -> Optional[str]:
-    """Hugging Face dotted name -> ours, or None when it is not a Llama name."""
-    return _translate(name, _HF_LAYER, "layers.", _HF_IN_LAYER_INV, _HF_TOP_INV)
+def from_hf_name(name: str, sandwich_norms: bool = False) -> Optional[str]:
+    """Hugging Face dotted name -> ours, or None when it is not a name of our decoder."""
+    for prefix, causal_lm_prefix in _HF_TEXT_MODEL_PREFIXES:
+        if name.startswith(prefix):
+            name = causal_lm_prefix + name[len(prefix) :]
+            break
+    in_layer = _HF_IN_SANDWICH_LAYER_INV if sandwich_norms else _HF_IN_LAYER_INV
+    return _translate(name, _HF_LAYER, "layers.", in_layer, _HF_TOP_INV)
 
 
 def to_meta_name(name: str) -> Optional[str]:

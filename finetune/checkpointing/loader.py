@@ -6,6 +6,7 @@ assigned in place, so peak memory stays near one copy of the weights.
 """
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -15,6 +16,7 @@ from torch import nn
 
 from finetune.checkpointing.formats import check_format_name, checkpoint_directory, describe_listing, detect_format
 from finetune.checkpointing.key_mapping import (
+    GEMMA3_VISION,
     HF_IGNORED,
     META_IGNORED,
     from_hf_name,
@@ -52,7 +54,18 @@ class _CheckpointPlan:
         self.format = detect_format(directory) if checkpoint_format == "auto" else checkpoint_format
         if self.format == "hf":
             self.reader: Union[HFReader, MetaReader] = HFReader(directory)
-            to_ours, ignored, self.to_theirs = from_hf_name, HF_IGNORED, to_hf_name
+            sandwich = args.sandwich_norms
+            ignored = (
+                re.compile(f"{HF_IGNORED.pattern}|{GEMMA3_VISION.pattern}") if args.family == "gemma3" else HF_IGNORED
+            )
+
+            def to_ours(name: str) -> Optional[str]:
+                return from_hf_name(name, sandwich)
+
+            def to_theirs(name: str) -> Optional[str]:
+                return to_hf_name(name, sandwich)
+
+            self.to_theirs = to_theirs
         else:
             self.reader = MetaReader(directory, args.dim)
             to_ours, ignored, self.to_theirs = from_meta_name, META_IGNORED, to_meta_name

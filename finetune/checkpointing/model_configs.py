@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from finetune.checkpointing.family_configs import MODEL_TYPES, family_hf_config, family_values, with_gemma3_defaults
 from finetune.checkpointing.formats import detect_format, read_json
 from finetune.checkpointing.readers import inspect_meta_weights
 from finetune.errors import UserError
@@ -66,12 +67,22 @@ def _hf_rope(config: dict[str, Any], path: Path) -> tuple[float, Optional[RopeSc
         raise UserError(f"{path}: llama3 rope scaling lacks or mangles {e}; fix the file") from None
 
 
+_SUPPORTED_TYPES = ("llama", *MODEL_TYPES, "gemma3")
+
+
 def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     model_type = config.get("model_type", "llama")
-    if model_type != "llama":
+    if model_type == "gemma3":
+        # Gemma 3 4B and up ship as image-text models; the text model is what trains here.
+        config, model_type = with_gemma3_defaults(_text_config(config, path)), "gemma3_text"
+    elif model_type == "gemma3_text":
+        config = with_gemma3_defaults(config)
+    if model_type not in _SUPPORTED_TYPES:
         raise UserError(
-            f"{path}: model_type {model_type!r} is not supported; only Llama-family ('llama') checkpoints are"
+            f"{path}: model_type {model_type!r} is not supported; supported are {', '.join(_SUPPORTED_TYPES)}"
         )
+    if model_type != "llama":
+        return _family_model_args(model_type, config, path)
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise UserError(f"{path}: {flag}=true is not supported; Llama checkpoints have no biases")
@@ -109,13 +120,42 @@ def model_args_from_hf_config(config: dict[str, Any], path: Path) -> ModelArgs:
     )
 
 
+def _text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    value = config.get("text_config")
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: an image-text Gemma 3 config needs a text_config object; fix or re-download the file")
+    return value
+
+
+def _family_model_args(model_type: str, config: dict[str, Any], path: Path) -> ModelArgs:
+    dim = _require(config, "hidden_size", path)
+    n_heads = _require(config, "num_attention_heads", path)
+    head_dim = config.get("head_dim")
+    values = family_values(model_type, config, path)
+    return _build_args(
+        path,
+        vocab_size=_require(config, "vocab_size", path),
+        dim=dim,
+        n_layers=_require(config, "num_hidden_layers", path),
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        hidden_dim=_require(config, "intermediate_size", path),
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        max_seq_len=config.get("max_position_embeddings", 32_768),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attn_head_dim=head_dim if isinstance(head_dim, int) and head_dim * n_heads != dim else None,
+        **values,
+    )
+
+
 def hf_config_from_model_args(
     args: ModelArgs,
     dtype: torch.dtype = torch.float32,
     bos_token_id: Optional[int] = None,
     eos_token_id: Optional[Union[int, list[int]]] = None,
 ) -> dict[str, Any]:
-    """A config.json for LlamaForCausalLM, readable by transformers 4 and 5 alike."""
+    """A config.json for the family's *ForCausalLM (LlamaForCausalLM, Qwen3ForCausalLM, ...), readable
+    by transformers 4 and 5 alike."""
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     rope_scaling = None
     if args.rope_scaling is not None:
@@ -128,6 +168,8 @@ def hf_config_from_model_args(
         }
         rope_parameters = {**rope_scaling, "rope_theta": args.rope_theta}
     dtype_name = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if args.family not in ("llama2", "llama3"):
+        return family_hf_config(args, _common_hf_config(args, dtype_name, bos_token_id, eos_token_id))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -150,6 +192,31 @@ def hf_config_from_model_args(
         "mlp_bias": False,
         "initializer_range": 0.02,
         "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+
+
+def _common_hf_config(
+    args: ModelArgs, dtype_name: str, bos_token_id: Optional[int], eos_token_id: Optional[Union[int, list[int]]]
+) -> dict[str, Any]:
+    return {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "tie_word_embeddings": args.tie_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
         "use_cache": True,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,

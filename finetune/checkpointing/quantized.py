@@ -75,7 +75,8 @@ def save_quantized_checkpoint(
         for name, tensor in model.state_dict().items()
         if not (args.tie_embeddings and name == "output.weight")
     }
-    tensors, metadata, int4_codes = ao.flatten_quantized({to_hf_name(k): v for k, v in state.items()})
+    hf_state = {to_hf_name(k, args.sandwich_norms): v for k, v in state.items()}
+    tensors, metadata, int4_codes = ao.flatten_quantized(hf_state)
     packed = [name for name in int4_codes if tensors[name].shape[-1] % 2 == 0]
     for name in packed:
         tensors[name] = pack_int4(tensors[name])
@@ -174,7 +175,7 @@ def load_quantized_model(
         ) from None
     ours = {}
     for name, tensor in state.items():
-        our_name = from_hf_name(name)
+        our_name = from_hf_name(name, args.sandwich_norms)
         if our_name is None:
             raise UserError(f"{weights} holds tensor {name!r}, which is not part of a Llama model; quantize again")
         ours[our_name] = tensor

@@ -109,7 +109,9 @@ def save_hf_checkpoint(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _renamed(_checkpoint_tensors(state_dict, args), to_hf_name, "Hugging Face")
+    tensors = _renamed(
+        _checkpoint_tensors(state_dict, args), lambda name: to_hf_name(name, args.sandwich_norms), "Hugging Face"
+    )
     shards = _shards(tensors, dtype, max_shard_bytes)
     written = []
     if len(shards) == 1:

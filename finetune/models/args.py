@@ -1,29 +1,38 @@
-"""The numbers that define a Llama-family architecture (`ModelArgs`)."""
+"""The numbers that define a decoder architecture (`ModelArgs`): Llama and the families that
+share its blocks (Mistral, Qwen 2.5, Qwen 3, Gemma 3) with a few named switches."""
 
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from finetune.errors import UserError
 
-FAMILIES = ("llama2", "llama3")
+FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_SCALINGS = ("llama3", "linear")
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
 
 
 @dataclass
 class RopeScaling:
-    """Llama 3.1 rotary frequency scaling: long wavelengths are stretched by `factor`,
-    short ones kept, and the band between is interpolated smoothly."""
+    """Rotary frequency scaling. "llama3" (Llama 3.1): long wavelengths are stretched by
+    `factor`, short ones kept, and the band between is interpolated smoothly. "linear" (Gemma 3's
+    global layers): every frequency divided by `factor`; the other fields are unused."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    kind: str = "llama3"
 
 
 @dataclass
 class ModelArgs:
-    """Architecture of a Llama-family decoder. `head_dim` is derived from `dim / n_heads`.
+    """Architecture of a decoder. `head_dim` is `dim / n_heads` unless `attn_head_dim` says otherwise.
 
-    `family` picks the tokenizer family: "llama2" (SentencePiece) or "llama3" (tiktoken).
+    `family` names the checkpoint family, which picks the tokenizer, the chat format and the
+    config.json written out: "llama2" (SentencePiece), "llama3" (tiktoken), "mistral", "qwen2"
+    (Qwen 2 / 2.5), "qwen3" or "gemma3". The fields after `family` switch on what a family's
+    blocks do differently from Llama's; their defaults are Llama.
     """
 
     vocab_size: int
@@ -38,15 +47,30 @@ class ModelArgs:
     max_seq_len: int = 4096
     tie_embeddings: bool = False
     family: str = "llama2"
+    attn_head_dim: Optional[int] = None  # per-head width when it is not dim / n_heads (Qwen 3, Gemma 3)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen 2.5)
+    qk_norm: bool = False  # an RMSNorm over each query and key head before rotary (Qwen 3, Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), its weights stored as offsets from one (Gemma)
+    sandwich_norms: bool = False  # attention and MLP outputs normed again before the residual add (Gemma 3)
+    mlp_activation: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    scale_embeddings: bool = False  # embeddings multiplied by sqrt(dim) (Gemma)
+    query_pre_attn_scalar: Optional[float] = None  # attention scores scaled by its -1/2 power, not head_dim's
+    sliding_window: Optional[int] = None  # how far back a sliding-attention layer sees (itself included)
+    layer_types: Optional[list[str]] = None  # per layer "full_attention" or "sliding_attention"; None: all full
+    local_rope_theta: Optional[float] = None  # rotary base of the sliding layers, unscaled (Gemma 3)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+        if self.attn_head_dim is not None and self.attn_head_dim * self.n_heads == self.dim:
+            self.attn_head_dim = None  # one spelling per architecture, so equal shapes compare equal
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise UserError(f"model argument {name}={value!r} must be a positive integer")
-        if self.dim % self.n_heads != 0:
+        if self.attn_head_dim is None and self.dim % self.n_heads != 0:
             raise UserError(
                 f"model argument dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                 "pick a dim that is a multiple of n_heads"
@@ -60,10 +84,43 @@ class ModelArgs:
             raise UserError(f"head_dim={self.head_dim} (dim / n_heads) must be even for rotary embeddings")
         if self.family not in FAMILIES:
             raise UserError(f"model argument family={self.family!r} is unknown; use one of {', '.join(FAMILIES)}")
+        self._check_variant()
+
+    def _check_variant(self) -> None:
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise UserError(
+                f"model argument mlp_activation={self.mlp_activation!r} is unknown; "
+                f"use one of {', '.join(MLP_ACTIVATIONS)}"
+            )
+        if self.rope_scaling is not None and self.rope_scaling.kind not in ROPE_SCALINGS:
+            raise UserError(
+                f"rope scaling kind {self.rope_scaling.kind!r} is unknown; use one of {', '.join(ROPE_SCALINGS)}"
+            )
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.n_layers:
+            raise UserError(
+                f"model argument layer_types has {len(self.layer_types)} entries for n_layers={self.n_layers}; "
+                "give one per layer"
+            )
+        unknown = sorted(set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION})
+        if unknown:
+            raise UserError(
+                f"model argument layer_types has unknown kind(s) {', '.join(unknown)}; "
+                f"use {FULL_ATTENTION} or {SLIDING_ATTENTION}"
+            )
+        if SLIDING_ATTENTION in self.layer_types and not (
+            isinstance(self.sliding_window, int) and self.sliding_window > 0
+        ):
+            raise UserError("sliding_attention layers need a positive sliding_window")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.dim // self.n_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends only to the last `sliding_window` positions."""
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING_ATTENTION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,8 @@
-"""Published Llama 2 / 3 / 3.1 / 3.2 architectures, plus `tiny` for tests and the CPU demo."""
+"""Published Llama 2 / 3 / 3.1 / 3.2 architectures, plus `tiny` for tests and the CPU demo; the
+registry of every named model (the other families' shapes are in families.py)."""
 
 from finetune.models.args import ModelArgs, RopeScaling
+from finetune.models.families import DEFINITIONS as FAMILY_DEFINITIONS
 
 _LLAMA2 = dict(vocab_size=32_000, norm_eps=1e-5, rope_theta=10_000.0, max_seq_len=4096, family="llama2")
 _LLAMA3 = dict(vocab_size=128_256, norm_eps=1e-5, rope_theta=500_000.0, max_seq_len=8192, family="llama3")
@@ -36,6 +38,7 @@ _DEFINITIONS: dict[str, dict] = {
         family="llama2",
         tie_embeddings=False,
     ),
+    **FAMILY_DEFINITIONS,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_DEFINITIONS)
@@ -47,4 +50,6 @@ def published_args(name: str) -> ModelArgs:
     scaling = values.get("rope_scaling")
     if scaling is not None:
         values["rope_scaling"] = RopeScaling(**vars(scaling))
+    if values.get("layer_types") is not None:
+        values["layer_types"] = list(values["layer_types"])
     return ModelArgs(**values)

@@ -87,6 +87,8 @@ class LoRALinear(nn.Module):
             self.magnitude = nn.Parameter(torch.empty(out_dim, **factory))
         else:
             self.register_parameter("magnitude", None)
+        # A biased base (Qwen 2.5's q, k, v) keeps its bias, frozen, outside the adapter's scaling.
+        self.register_parameter("bias", None)
         if not self.weight.is_meta:
             # A standalone module gets nn.Linear's default base init; apply_lora swaps in the real weight.
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -94,14 +96,14 @@ class LoRALinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **settings) -> "LoRALinear":
-        """A LoRALinear holding `linear.weight` itself (no copy); adapters initialised unless on meta."""
-        if linear.bias is not None:
-            raise ValueError("LoRALinear adapts bias-free linears only (Llama has no biases)")
+        """A LoRALinear holding `linear.weight` (and bias) itself (no copy); adapters initialised unless on meta."""
         weight = linear.weight
         with torch.device("meta"):
             module = cls(linear.in_features, linear.out_features, dtype=weight.dtype, **settings)
         weight.requires_grad_(False)
         module.weight = weight
+        if linear.bias is not None:
+            module.bias = linear.bias.requires_grad_(False)
         if not weight.is_meta:
             module.adapters_to_empty(weight.device)
             module.initialize()
@@ -182,12 +184,13 @@ class LoRALinear(nn.Module):
         dropped = self.dropout(x)
         lora = self.lora_b(self.lora_a(dropped)) * self.scale
         if self.magnitude is None:
-            return base + lora
+            return base + lora if self.bias is None else base + lora + self.bias
         gain = self.magnitude / self.weight_norm()
         # m/||W'|| (W + s B A) x written, as PEFT does, as W x plus a correction: with adapter dropout
         # only the correction sees the dropped input, and a gain of exactly 1 leaves W x bit-for-bit.
         base_dropped = base if dropped is x else self._base(dropped)
-        return base + (gain - 1) * base_dropped + gain * lora
+        out = base + (gain - 1) * base_dropped + gain * lora
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         quantized = ", nf4" if ao.is_nf4(self.weight) else ""
@@ -196,22 +199,24 @@ class LoRALinear(nn.Module):
 
 
 class FrozenNF4Linear(nn.Module):
-    """A frozen, bias-free linear whose weight is stored as NF4 once loaded: under QLoRA every
-    projection of the decoder is 4-bit, not only those that carry an adapter. The weight keeps
-    its name (`.weight`), so base checkpoints load unchanged."""
+    """A frozen linear whose weight is stored as NF4 once loaded: under QLoRA every projection of
+    the decoder is 4-bit, not only those that carry an adapter. The weight keeps its name
+    (`.weight`), so base checkpoints load unchanged; a bias stays in the training dtype."""
 
-    def __init__(self, weight: nn.Parameter) -> None:
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.weight.requires_grad_(False)
+        self.bias = bias.requires_grad_(False) if bias is not None else None
 
     def initialize(self) -> None:
         """Quantize the loaded weight (a no-op on meta or when it already is NF4)."""
         self.weight = _frozen_nf4(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _frozen_linear(x, self.weight)
+        out = _frozen_linear(x, self.weight)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4={ao.is_nf4(self.weight)}"
@@ -279,7 +284,8 @@ def apply_lora(
         adapted = set(names)
         for name in _target_modules(model, ATTN_MODULES, mlp=True, output=False):
             if name not in adapted:
-                frozen = FrozenNF4Linear(model.get_submodule(name).weight)
+                linear = model.get_submodule(name)
+                frozen = FrozenNF4Linear(linear.weight, linear.bias)
                 frozen.initialize()
                 _replace_submodule(model, name, frozen)
     return names

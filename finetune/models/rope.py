@@ -17,9 +17,11 @@ from finetune.models.args import RopeScaling
 def rope_inverse_frequencies(
     head_dim: int, theta: float, scaling: Optional[RopeScaling] = None, device: Optional[torch.device] = None
 ) -> torch.Tensor:
-    """inv_freq[i] = theta^(-2i/head_dim), with Llama 3.1 scaling applied when given."""
+    """inv_freq[i] = theta^(-2i/head_dim), with Llama 3.1 or linear scaling applied when given."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
+    if scaling is not None and scaling.kind == "linear":
+        return inv_freq / scaling.factor
     if scaling is not None:
         inv_freq = _apply_llama3_scaling(inv_freq, scaling)
     return inv_freq

@@ -1,6 +1,11 @@
 """A Llama-family decoder: RMSNorm, grouped-query attention with rotary embeddings and an
 optional KV cache, and a SwiGLU MLP.
 
+Mistral, Qwen 2.5, Qwen 3 and Gemma 3 are the same blocks with the switches `ModelArgs` names:
+q/k/v biases, per-head q/k norms, (1 + w) norms, norms after attention and MLP, a tanh-GELU
+gate, scaled embeddings, and layers that attend only within a sliding window with their own
+rotary base. With every switch off (Llama) the computation is exactly Llama's.
+
 Submodule names are part of the contract: checkpoint key mapping, LoRA and FSDP wrapping
 address modules by these names, and LoRA swaps the `nn.Linear` children for its own modules,
 which is why the linears are always called, never used through their `.weight`.
@@ -16,21 +21,63 @@ from finetune.models.args import ModelArgs
 from finetune.models.rope import RotaryEmbedding, apply_rotary
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 and cast back to the input dtype."""
+class _LeanRMSNorm(torch.autograd.Function):
+    """RMSNorm that keeps only its input and 1/rms for backward and recomputes the normed values
+    there: one saved tensor per norm instead of three. Used by the norms the other families add to
+    Llama's (q/k norms, sandwich norms, Gemma's (1 + w) norms), so their extra activations stay small."""
 
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed = x32 * rstd
+        out = (normed * (1.0 + weight.float())).type_as(x) if plus_one else normed.type_as(x) * weight
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.plus_one = plus_one
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad32 = grad.float()
+        if ctx.plus_one:
+            scale, weight_input = 1.0 + weight.float(), normed
+        else:
+            scale, weight_input = weight.float(), normed.type_as(x).float()
+        grad_weight = (grad32 * weight_input).reshape(-1, x.shape[-1]).sum(0)
+        grad_normed = grad32 * scale
+        grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+        return grad_x.type_as(x), grad_weight.to(weight.dtype), None, None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back to the input dtype.
+
+    With `plus_one` (Gemma) the scale is (1 + weight), applied in fp32 before the cast, and the
+    weight starts at zero: that is how Gemma checkpoints store it. `lean` norms save less for
+    backward (`_LeanRMSNorm`); Llama's own norms keep plain autograd.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False, lean: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.plus_one = plus_one
+        self.lean = lean or plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean:
+            return _LeanRMSNorm.apply(x, self.weight, self.eps, self.plus_one)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        if self.plus_one:
+            nn.init.zeros_(self.weight)
+        else:
+            nn.init.ones_(self.weight)
 
 
 class KVCache(nn.Module):
@@ -107,17 +154,27 @@ def live_positions(labels: torch.Tensor, ignore_index: int = -100) -> LivePositi
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads, through SDPA."""
+    """Multi-head attention with grouped key/value heads, through SDPA.
+
+    `q_norm`/`k_norm` (Qwen 3, Gemma 3) norm each head's query and key before rotary; `scale`
+    replaces SDPA's 1/sqrt(head_dim) when the family sets its own (Gemma 3).
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.output_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one, lean=True)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_plus_one, lean=True)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = None if args.query_pre_attn_scalar is None else args.query_pre_attn_scalar**-0.5
         self.kv_cache: Optional[KVCache] = None
 
     def forward(
@@ -137,6 +194,8 @@ class Attention(nn.Module):
         q = q.view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -145,37 +204,55 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         if live is not None:
             out = live.pack(out)
         return self.output_proj(out)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1(x)) * w3(x)); w1 is the gate, w3 the up and w2 the down projection."""
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": _gelu_tanh}
+
+
+class FeedForward(nn.Module):
+    """Gated MLP: w2(act(w1(x)) * w3(x)); w1 is the gate, w3 the up and w2 the down projection.
+    act is SiLU (SwiGLU) or, for Gemma, tanh-approximated GELU (GeGLU)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.activation = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.activation(self.w1(x)) * self.w3(x))
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm block: x + attn(sa_norm(x)), then + mlp(mlp_norm(x))."""
+    """Pre-norm block: x + attn(sa_norm(x)), then + mlp(mlp_norm(x)).
+
+    With sandwich norms (Gemma 3) each branch's output is normed again before it is added:
+    x + post_attn_norm(attn(sa_norm(x))), then + post_mlp_norm(mlp(mlp_norm(x))).
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.sa_norm = RMSNorm(args.dim, args.norm_eps)
+        self.sa_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
         self.attn = Attention(args)
-        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = FeedForward(args.dim, args.hidden_dim)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
+        self.mlp = FeedForward(args.dim, args.hidden_dim, args.mlp_activation)
+        if args.sandwich_norms:
+            self.post_attn_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one, lean=True)
+            self.post_mlp_norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one, lean=True)
+        else:
+            self.post_attn_norm = self.post_mlp_norm = None
 
     def forward(
         self,
@@ -185,8 +262,11 @@ class TransformerLayer(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         live: Optional[LivePositions] = None,
     ) -> torch.Tensor:
-        h = x + self.attn(self.sa_norm(x), rope, mask, input_pos, live)
-        return h + self.mlp(self.mlp_norm(h))
+        if self.post_attn_norm is None:
+            h = x + self.attn(self.sa_norm(x), rope, mask, input_pos, live)
+            return h + self.mlp(self.mlp_norm(h))
+        h = x + self.post_attn_norm(self.attn(self.sa_norm(x), rope, mask, input_pos, live))
+        return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h)))
 
 
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -195,6 +275,19 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return causal[None] & same_document
+
+
+def sliding_window_mask(
+    mask: Optional[torch.Tensor], query_index: torch.Tensor, kv_len: int, window: int
+) -> torch.Tensor:
+    """`mask` ([b, s, kv_len] bool, or None for plain causal) narrowed to keys fewer than `window`
+    positions behind their query; query_index [s] holds the queries' places in the key sequence."""
+    key_index = torch.arange(kv_len, device=query_index.device)
+    distance = query_index[:, None] - key_index[None, :]
+    band = distance < window
+    if mask is None:
+        return (band & (distance >= 0))[None]
+    return mask & band[None]
 
 
 def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
@@ -222,9 +315,16 @@ class TransformerDecoder(nn.Module):
         # and on the meta device an init op would pull in heavy tracing machinery for nothing.
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(TransformerLayer(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_plus_one)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling)
+        # Gemma 3's sliding layers turn at their own, unscaled base.
+        self.local_rope = (
+            RotaryEmbedding(args.head_dim, args.local_rope_theta)
+            if args.local_rope_theta is not None and args.layer_types is not None
+            else None
+        )
+        self.embedding_scale = args.dim**0.5 if args.scale_embeddings else None
         self.tie_weights()
         self.reset_parameters()
 
@@ -247,7 +347,10 @@ class TransformerDecoder(nn.Module):
 
     def init_rope(self, device: Optional[torch.device] = None) -> None:
         """Recompute the rotary buffer, e.g. after a meta-device build; defaults to the embedding's device."""
-        self.rope.reset_parameters(device if device is not None else self.tok_embeddings.weight.device)
+        device = device if device is not None else self.tok_embeddings.weight.device
+        self.rope.reset_parameters(device)
+        if self.local_rope is not None:
+            self.local_rope.reset_parameters(device)
 
     # ----- KV cache -----
 
@@ -308,11 +411,34 @@ class TransformerDecoder(nn.Module):
             raise ValueError("live positions cannot be combined with a KV cache")
         mask, position_ids = self._mask_and_positions(tokens, position_ids, document_ids, mask, input_pos)
         h = self.tok_embeddings(tokens if live is None else live.pack(tokens))
+        if self.embedding_scale is not None:
+            h = h * torch.tensor(self.embedding_scale, dtype=h.dtype)
         rope = self.rope(position_ids, h.dtype)
-        for layer in self.layers:
-            h = layer(h, rope, mask, input_pos, live)
+        if self.args.layer_types is None:
+            for layer in self.layers:
+                h = layer(h, rope, mask, input_pos, live)
+        else:
+            local_rope = rope if self.local_rope is None else self.local_rope(position_ids, h.dtype)
+            local_mask = self._local_mask(mask, tokens.shape[1], input_pos)
+            for index, layer in enumerate(self.layers):
+                if self.args.is_sliding(index):
+                    h = layer(h, local_rope, local_mask, input_pos, live)
+                else:
+                    h = layer(h, rope, mask, input_pos, live)
         h = self.norm(h)
         return h if return_hidden else self.output(h)
+
+    def _local_mask(
+        self, mask: Optional[torch.Tensor], seq_len: int, input_pos: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The mask of the sliding-window layers; None (plain causal) when the window covers everything."""
+        window = self.args.sliding_window
+        if self.caches_are_enabled():
+            return sliding_window_mask(mask, input_pos, mask.shape[-1], window)
+        if mask is None and seq_len <= window:
+            return None
+        query_index = torch.arange(seq_len, device=self.tok_embeddings.weight.device)
+        return sliding_window_mask(mask, query_index, seq_len, window)
 
     def _mask_and_positions(
         self,

@@ -172,8 +172,8 @@ class LoraFinetuneRecipe:
 
 def check_rank_fits(p: LoraFinetuneParams, args: ModelArgs) -> None:
     """A rank above an adapted layer's smaller side adds parameters and memory but no capacity."""
-    kv_dim = args.n_kv_heads * (args.dim // args.n_heads)
-    sides = {"q_proj": args.dim, "k_proj": kv_dim, "v_proj": kv_dim, "output_proj": args.dim}
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    sides = {"q_proj": min(args.dim, q_dim), "k_proj": kv_dim, "v_proj": kv_dim, "output_proj": min(args.dim, q_dim)}
     smallest = min(
         [sides[m] for m in p.lora_attn_modules] + [args.dim] * (p.apply_lora_to_mlp or p.apply_lora_to_output)
     )

@@ -14,7 +14,7 @@ class Tokenizer(Protocol):
     trained on including its closing token, so the model learns when to stop.
     """
 
-    family: str  # "llama2" or "llama3"
+    family: str  # "llama2", "llama3", or the model family whose chat format it writes (mistral, qwen2, ...)
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, *, continuation: bool = False) -> list[int]:
         """Ids of `text`. `continuation=True` marks text that directly follows earlier text of

@@ -5,6 +5,8 @@ from typing import Optional, Union
 
 from finetune.errors import UserError
 from finetune.tokenizers.base import Tokenizer
+from finetune.tokenizers.chat_formats import CHAT_FORMATS
+from finetune.tokenizers.hub_tokenizer import HubTokenizer
 from finetune.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer, parse_model
 from finetune.tokenizers.tiktoken_tokenizer import TikTokenTokenizer, is_ranks_file
 from finetune.tokenizers.tokenizer_json import is_json, read_tokenizer_json_ranks
@@ -28,9 +30,17 @@ def normalize_family(family: str) -> str:
     raise UserError(f"unknown tokenizer family {family!r}; use one of {', '.join(FAMILIES)}")
 
 
-def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
-    """The tokenizer file itself, looking inside `path` when it is a directory."""
+def resolve_tokenizer_path(path: Union[str, Path], family: Optional[str] = None) -> Path:
+    """The tokenizer file itself, looking inside `path` when it is a directory (for the Mistral,
+    Qwen and Gemma families: its tokenizer.json)."""
     path = Path(path).expanduser()
+    if path.is_dir() and family in CHAT_FORMATS:
+        if (path / "tokenizer.json").is_file():
+            return path / "tokenizer.json"
+        raise UserError(
+            f"no tokenizer.json in directory {path}; a {family} model reads the tokenizer.json and "
+            "tokenizer_config.json of its Hub snapshot, point the tokenizer path at them"
+        )
     if path.is_dir():
         for name in _CANDIDATES:
             if (path / name).is_file():
@@ -87,11 +97,14 @@ def load_tokenizer(path: Union[str, Path], family: Optional[str] = None) -> Toke
 def load_tokenizer_for_model(path: Union[str, Path], family: str, vocab_size: int) -> Tokenizer:
     """The tokenizer at `path`, checked against the model it will feed.
 
-    A model's family is inferred from its vocabulary size, and only Llama 3's 128k vocabulary
-    pins it down: small custom models may pair with either tokenizer kind. Any tokenizer must
-    fit the model's vocabulary, though.
+    A Llama model's family is inferred from its vocabulary size, and only Llama 3's 128k vocabulary
+    pins it down: small custom models may pair with either tokenizer kind. The other families read
+    their Hub snapshot's tokenizer.json. Any tokenizer must fit the model's vocabulary, though.
     """
-    tokenizer = load_tokenizer(path, family=family if family == "llama3" else None)
+    if family in CHAT_FORMATS:
+        tokenizer: Tokenizer = HubTokenizer(resolve_tokenizer_path(path, family), family)
+    else:
+        tokenizer = load_tokenizer(path, family=family if family == "llama3" else None)
     if tokenizer.vocab_size > vocab_size:
         raise UserError(
             f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "

@@ -238,4 +238,4 @@ def load_model_source(params: FullFinetuneParams) -> ModelSource:
         )
     tokenizer_path = resolve_path(params.tokenizer_path or params.checkpoint_dir)  # type: ignore[arg-type]
     tokenizer = load_tokenizer_for_model(tokenizer_path, args.family, args.vocab_size)
-    return ModelSource(args, tokenizer, resolve_tokenizer_path(tokenizer_path), checkpoint_dir)
+    return ModelSource(args, tokenizer, resolve_tokenizer_path(tokenizer_path, args.family), checkpoint_dir)

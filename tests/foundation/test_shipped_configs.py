@@ -11,6 +11,8 @@ CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs
 
 def test_configs_are_found():
     assert {"tiny_full", "tiny_lora", "llama3_1_8b_qlora", "generation"} <= set(CONFIGS)
+    for model in ("mistral_7b_v0_3", "qwen2_5_7b", "qwen3_8b", "gemma3_4b"):
+        assert {f"{model}_lora", f"{model}_qlora"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -204,3 +204,29 @@ def test_meta_built_model_needs_rope_init():
     tokens = _tokens(1, 8)
     with torch.no_grad():
         assert torch.equal(meta_model(tokens), reference(tokens))
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rmsnorm_equals_autograd_forward_and_backward(plus_one, dtype):
+    torch.manual_seed(0)
+    lean = RMSNorm(64, eps=1e-6, plus_one=plus_one, lean=True).to(dtype)
+    with torch.no_grad():
+        lean.weight.uniform_(-0.5, 0.5) if plus_one else lean.weight.uniform_(0.5, 1.5)
+    weight = lean.weight.detach().clone().requires_grad_()
+    x = (torch.randn(3, 5, 64) * 4).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (normed * (1.0 + weight.float())).type_as(x) if plus_one else normed.type_as(x) * weight
+
+    grad = torch.randn(3, 5, 64).to(dtype)
+    out, expected = lean(x), reference(x_ref)
+    assert torch.equal(out, expected)
+    out.backward(grad)
+    expected.backward(grad)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lean.weight.grad, weight.grad, atol=tolerance * 10, rtol=tolerance)
