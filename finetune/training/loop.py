@@ -105,6 +105,7 @@ class TrainingLoop:
         resume = self._resume_point(resume_dir)
         if resume is not None:
             self._load_recipe_state(resume)
+        run.writing_results = True
         if run.rank_zero:  # only now: a refused resume leaves the run's params.yaml and metrics as they were
             p.to_yaml(run.output_dir / "params.yaml")
             if resume is not None:  # the steps trained after the checkpoint are trained again

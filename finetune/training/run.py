@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from finetune.checkpointing.atomic import remove_leftovers
+from finetune.checkpointing.atomic import atomic_write_text, remove_leftovers
 from finetune.checkpointing.model_configs import resolve_model_args
 from finetune.checkpointing.output_lock import OutputDirLock
 from finetune.checkpointing.recipe_state import claim_output_dir, seed_everything
@@ -48,6 +48,38 @@ from finetune.training.resume import ResumePoint, plan_resume
 
 
 @dataclass
+class EarlierRecord:
+    """The status.json and events.jsonl a resumed run found in its folder. A resume refused by a
+    check that needs the built data comes after both were written to; they are put back, so a
+    refused run leaves the earlier run's record as it was."""
+
+    output_dir: Path
+    status: Optional[str]
+    events_size: Optional[int]
+
+    @classmethod
+    def read(cls, output_dir: Path) -> EarlierRecord:
+        status, events = output_dir / "status.json", output_dir / "events.jsonl"
+        return cls(
+            output_dir,
+            status.read_text(encoding="utf-8") if status.is_file() else None,
+            events.stat().st_size if events.is_file() else None,
+        )
+
+    def restore(self) -> None:
+        status, events = self.output_dir / "status.json", self.output_dir / "events.jsonl"
+        if self.status is None:
+            status.unlink(missing_ok=True)
+        else:
+            atomic_write_text(status, self.status)
+        if self.events_size is None:
+            events.unlink(missing_ok=True)
+        elif events.is_file():
+            with events.open("r+b") as f:
+                f.truncate(self.events_size)
+
+
+@dataclass
 class RunContext:
     """Where this process trains and what watches it; made once, first thing in `setup`."""
 
@@ -60,6 +92,9 @@ class RunContext:
     lock: Optional[OutputDirLock] = None  # rank 0's hold on output_dir; None on the other ranks
     events: EventLog = field(default_factory=EventLog.disabled)  # output_dir/events.jsonl and its sinks
     resume: Optional[ResumePoint] = None  # the checkpoint a resumed run continues from
+    earlier_record: Optional[EarlierRecord] = None  # rank 0 of a resumed run: put back if the resume is refused
+    writing_results: bool = False  # set by the loop once it writes params.yaml and metrics: no going back
+    refused: bool = False
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -121,6 +156,7 @@ class RunContext:
         elif isinstance(error, Preempted):
             self.monitor.stopped("preempted")
         else:
+            self.refused = isinstance(error, UserError) and not self.writing_results
             self.monitor.fail(str(error) or type(error).__name__)
             self.events.error(error)
 
@@ -137,6 +173,8 @@ class RunContext:
         self.monitor.close()
         self.events.job_end(self.monitor.status.get("state", "failed"))
         self.events.close()
+        if self.refused and self.earlier_record is not None:
+            self.earlier_record.restore()
         if self.lock is not None:  # last: the monitor's final write is still this run's
             self.lock.release()
 
@@ -166,8 +204,11 @@ def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Option
             resume = plan_resume(
                 params, output_dir, world_size=dist.world_size, adapter_settings=adapter_settings, log=log
             )
+        earlier_record = None
         if lock is not None:
             remove_leftovers(output_dir)  # of saves a kill interrupted
+            if resume is not None:
+                earlier_record = EarlierRecord.read(output_dir)
         monitor = JobMonitor(output_dir, rank=dist.rank, heartbeat_interval_s=params.heartbeat_interval_s)
         events = start_events(params, output_dir, dist.rank, sinks)
     except BaseException:
@@ -177,6 +218,7 @@ def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Option
             lock.release()
         raise
     run = RunContext(params, dist, device, dtype, output_dir, monitor, lock, events=events, resume=resume)  # type: ignore[arg-type]
+    run.earlier_record = earlier_record
     run.closers.append(on_launcher_death(run.record_launcher_death))
     if run.rank_zero:
         run.log(str(params))
