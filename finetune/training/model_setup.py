@@ -19,7 +19,7 @@ from torch import nn
 from finetune.checkpointing import load_state_dict
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
-from finetune.models.lora import nf4_base_modules
+from finetune.models.lora import nf4_base_modules, quantize_nf4_bases
 from finetune.training.activations import apply_activation_checkpointing
 from finetune.training.distributed import DistInfo, broadcast_object, run_on_rank_zero
 from finetune.training.fsdp import load_full_model_state_dict, shard_model
@@ -51,14 +51,22 @@ def build_on_cpu(
     *,
     adapt: Optional[ModuleHook] = None,
     initialize: Optional[ModuleHook] = None,
+    quantize_on: Optional[torch.device] = None,
 ) -> TransformerDecoder:
     """The complete starting model on CPU: `adapt` changes modules (LoRA) on the meta device,
-    the base weights are assigned, then `initialize` fills what the checkpoint has not (adapters)."""
+    the base weights are assigned, then `initialize` fills what the checkpoint has not (adapters).
+
+    `state_dict` is consumed: its tensors become the model's and the dict is emptied, so that each
+    dense weight is freed once the model lets go of it. QLoRA base weights are quantized to NF4 on
+    `quantize_on` (default: the CPU) one at a time and stay there: on a GPU that takes seconds where
+    the CPU takes minutes, and the host never holds the NF4 copy beside the dense one."""
     with torch.device("meta"):
         model = TransformerDecoder(args)
     if adapt is not None:
         adapt(model)
     model.load_state_dict(state_dict, strict=False, assign=True)
+    state_dict.clear()
+    quantize_nf4_bases(model, quantize_on)
     model.tie_weights()
     model.init_rope(torch.device("cpu"))
     if initialize is not None:
@@ -96,7 +104,7 @@ def prepare_model(
     if not dist.is_distributed:
         if cpu_offload:
             raise UserError("cpu_offload is an FSDP option: it needs --nproc_per_node 2 or more; unset it")
-        model = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize)
+        model = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize, quantize_on=device)
         _apply_features(model, activation_checkpointing, compile)
         model.to(device=device)
         model.init_rope(device)  # recomputed in fp32 on the device
