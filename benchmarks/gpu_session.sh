@@ -94,14 +94,14 @@ SKIPPED=()
 run_cell() {
     local name="$1"
     local estimate=$(( SMOKE ? 0 : CELL_S[$name] ))
-    if (( $(left) < estimate )); then
+    if (( $(left) < estimate || $(left) <= 0 )); then
         say "skip cell $name: $(left) s left, it needs about $estimate s"
         SKIPPED+=("$name")
         return
     fi
     say "cell $name: $(cell_args "$name")"
     # shellcheck disable=SC2046
-    timeout --signal=INT "$(left)" "$PY" benchmarks/bench_finetune.py --torchtune-python "$TT_PY" --work-dir "$WORK" \
+    timeout --signal=INT -k 20 "$(left)" "$PY" benchmarks/bench_finetune.py --torchtune-python "$TT_PY" --work-dir "$WORK" \
         --docs "$OUT/sections.md" --json "$OUT/$name.json" --stop-compiled-runs $(cell_args "$name") \
         || { say "cell $name failed or ran out of time (exit $?)"; SKIPPED+=("$name (incomplete)"); }
     # The runs' saved models (16 GB each at 8B) would fill the disk; the shared weights stay.
@@ -117,7 +117,7 @@ run_tests() {
     else
         pytest_args+=(--timeout=75)
     fi
-    timeout --signal=INT "$TESTS_S" "$PY" -m pytest "${pytest_args[@]}" tests > "$OUT/tests.log" 2>&1
+    timeout --signal=INT -k 10 "$TESTS_S" "$PY" -m pytest "${pytest_args[@]}" tests > "$OUT/tests.log" 2>&1
     say "gpu tests exit $?: $(tail -1 "$OUT/tests.log")"
 }
 
