@@ -90,6 +90,7 @@ class RunConfig:
     lora: LoraSpec = LoraSpec()
     activation_checkpointing: bool = False
     data: str = "uniform"  # "uniform" (every sample seq_len tokens, all trained) or "instruct"
+    compile: bool = False  # torch.compile in both (each library compiles its own way: per layer, and its loss)
 
     @property
     def is_lora(self) -> bool:
@@ -319,7 +320,7 @@ def our_config(cfg: RunConfig, ckpt: Path, tokenizer: Path, data: Path, out: Pat
         "enable_activation_checkpointing": cfg.activation_checkpointing,
         "enable_activation_offloading": False,
         # loss_chunks is left at our default (auto), as torchtune keeps its configs' 8 chunks.
-        "compile": False,
+        "compile": cfg.compile,
         "output_dir": str(out),
         "log_every_n_steps": 1,
     }
@@ -421,7 +422,7 @@ def torchtune_config(
         "optimizer_in_bwd": False,
         "clip_grad_norm": 1.0,
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss", "num_output_chunks": 8},
-        "compile": False,
+        "compile": cfg.compile,
         "device": cfg.device,
         "dtype": cfg.dtype,
         "enable_activation_checkpointing": cfg.activation_checkpointing,

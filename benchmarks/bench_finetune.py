@@ -155,6 +155,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a what-if: override one of our recipe's keys (e.g. loss_chunks=1); repeatable",
     )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "on", "both"),
+        help="torch.compile in both libraries; both: every run again with it on, sharing the prepared inputs",
+    )
+    p.add_argument(
+        "--stop-compiled-runs",
+        action="store_true",
+        help="end each compiled run at its last timed step (no final save; its time outside the steps is not measured)",
+    )
+    p.add_argument("--prepare-only", action="store_true", help="write the tokenizer and weights, then exit")
     p.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "bench")
     p.add_argument("--docs", type=Path, help="append a markdown section with the results to this file")
     p.add_argument("--json", type=Path, help="also write every run's numbers to this file")
@@ -233,6 +245,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     ckpt = work / f"checkpoint_{dtype}"
     files = write_checkpoint(spec, tokenizer, ckpt, torch_dtype, device)
+    if args.prepare_only:
+        print(f"prepared {ckpt}", flush=True)
+        return 0
 
     commands: dict[str, list[str]] = {}
     readers: dict[str, Callable[[Path], list[StepLog]]] = {}
@@ -270,79 +285,89 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     peak_before = peak_matmul_flops(device, torch_dtype)
     print(f"{machine}; peak {dtype} matmul {peak_before / 1e9:.1f} GFLOP/s", flush=True)
 
-    load_before = os.getloadavg()[0]
-    results: list[RunResult] = []
-    for repeat in range(args.repeats):
-        for library, cmd in commands.items():
-            out = cell / f"{library}_run{repeat}"
-            if out.exists():
-                subprocess.run(["rm", "-rf", str(out)], check=True)
-            out.mkdir()
-            ours = library in ("ours", "baseline")
-            make = our_config if ours else (lambda c, k, t, d, o: torchtune_config(c, k, files, t, d, o))
-            config = make(cfg, ckpt, tokenizer, data, out)
-            if ours:
-                config.update(parse_overrides(args.ours_set))
-            config_path = write_yaml(out / "config.yaml", config)
-            reader = readers[library]
-            result = run_recipe(
-                library,
-                repeat,
-                [*cmd, str(config_path)],
-                envs.get(library, env),
-                out / "stdout.log",
-                lambda reader=reader, out=out: reader(out),
-                cfg,
-                counts[library],
-            )
-            results.append(result)
-            remove_saved_weights(out)
-            print(
-                f"  {library} run {repeat}: {result.tokens_per_second:,.0f} tokens/s, "
-                f"step times {', '.join(f'{t:.3f}' for t in result.step_times_s)} s, "
-                f"peak {result.peak_memory_gb:.3f} GiB, wall {result.wall_s:.1f} s",
-                flush=True,
-            )
+    settings = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    record: dict[str, Any] = {
+        "config": {
+            "model": spec.name,
+            "method": cfg.method,
+            "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len,
+            "warmup_steps": cfg.warmup_steps,
+            "timed_steps": cfg.timed_steps,
+            "device": device,
+            "dtype": dtype,
+            "activation_checkpointing": cfg.activation_checkpointing,
+        },
+        "machine": machine,
+        "peak_flops": peak_before,
+        "flops_per_token": flops_per_token(cfg),
+        "cells": {},
+    }
+    for compiled in settings:
+        cell_cfg = dataclasses.replace(cfg, compile=compiled)
+        label = "compile_on" if compiled else "compile_off"
+        stop = compiled and args.stop_compiled_runs
+        load_before = os.getloadavg()[0]
+        results: list[RunResult] = []
+        for repeat in range(args.repeats):
+            for library, cmd in commands.items():
+                out = cell / f"{library}_{label}_run{repeat}"
+                if out.exists():
+                    subprocess.run(["rm", "-rf", str(out)], check=True)
+                out.mkdir()
+                ours = library in ("ours", "baseline")
+                make = our_config if ours else (lambda c, k, t, d, o: torchtune_config(c, k, files, t, d, o))
+                config = make(cell_cfg, ckpt, tokenizer, data, out)
+                if ours:
+                    config.update(parse_overrides(args.ours_set))
+                config_path = write_yaml(out / "config.yaml", config)
+                reader = readers[library]
+                result = run_recipe(
+                    library,
+                    repeat,
+                    [*cmd, str(config_path)],
+                    envs.get(library, env),
+                    out / "stdout.log",
+                    lambda reader=reader, out=out: reader(out),
+                    cell_cfg,
+                    counts[library],
+                    stop_after_timed=stop,
+                )
+                results.append(result)
+                remove_saved_weights(out)
+                print(
+                    f"  {library} {label} run {repeat}: {result.tokens_per_second:,.0f} tokens/s, "
+                    f"step times {', '.join(f'{t:.3f}' for t in result.step_times_s)} s, "
+                    f"peak {result.peak_memory_gb:.3f} GiB, process peak RSS {result.process_peak_rss_gb:.2f} GiB, "
+                    f"outside steps {result.outside_steps_s:.1f} s, wall {result.wall_s:.1f} s",
+                    flush=True,
+                )
+                # Written after every run, so a session stopped part-way keeps what it measured.
+                record["cells"][label] = [dataclasses.asdict(r) for r in results]
+                if args.json:
+                    args.json.write_text(json.dumps(record, indent=1))
 
-    # Other jobs can depress one measurement: the better of two, before and after, is the peak.
-    peak_flops = max(peak_before, peak_matmul_flops(device, torch_dtype))
-    summaries = summarise(results, cfg, peak_flops)
-    print_table(summaries)
-    command = "python " + " ".join(
-        shlex.quote(a)
-        for a in [
-            str(Path(sys.argv[0]).relative_to(REPO_ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
-            *(sys.argv[1:] if argv is None else argv),
-        ]
-    )
-    report = markdown_report(
-        cfg, summaries, command, machine, peak_flops, (load_before, os.getloadavg()[0]), args.ours_set
-    )
-    if args.docs:
-        append_docs(args.docs, report)
-        print(f"appended results to {args.docs}")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "config": {
-                        "model": spec.name,
-                        "method": cfg.method,
-                        "batch_size": cfg.batch_size,
-                        "seq_len": cfg.seq_len,
-                        "warmup_steps": cfg.warmup_steps,
-                        "timed_steps": cfg.timed_steps,
-                        "device": device,
-                        "dtype": dtype,
-                    },
-                    "machine": machine,
-                    "peak_flops": peak_flops,
-                    "flops_per_token": flops_per_token(cfg),
-                    "runs": [dataclasses.asdict(r) for r in results],
-                },
-                indent=1,
-            )
+        # Other jobs can depress one measurement: the better of two, before and after, is the peak.
+        peak_flops = max(peak_before, peak_matmul_flops(device, torch_dtype))
+        record["peak_flops"] = max(record["peak_flops"], peak_flops)
+        summaries = summarise(results, cell_cfg, peak_flops)
+        print(f"--- {label}")
+        print_table(summaries)
+        command = "python " + " ".join(
+            shlex.quote(a)
+            for a in [
+                str(Path(sys.argv[0]).relative_to(REPO_ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
+                *(sys.argv[1:] if argv is None else argv),
+            ]
         )
+        report = markdown_report(
+            cell_cfg, summaries, command, machine, peak_flops, (load_before, os.getloadavg()[0]), args.ours_set
+        )
+        if args.docs:
+            append_docs(args.docs, report)
+            print(f"appended results to {args.docs}")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
     return 0
 
 

@@ -71,6 +71,7 @@ def markdown_report(
         f"### {cfg.spec.name}, {cfg.method}, batch {cfg.batch_size} x seq {cfg.seq_len}, {cfg.data} data, "
         f"{cfg.dtype} on {cfg.device}"
         + (", activation checkpointing" if cfg.activation_checkpointing else "")
+        + (", compile on in both" if cfg.compile else "")
         + (f", what-if: ours with {', '.join(ours_set)}" if ours_set else "")
         + f" ({datetime.date.today().isoformat()})",
         "",

@@ -124,10 +124,14 @@ def run_recipe(
     read_steps: Callable[[], list[StepLog]],
     cfg: RunConfig,
     counts: "StepCounts",
+    stop_after_timed: bool = False,
 ) -> RunResult:
-    """Run one training process; watch its log to read its peak memory at the end of the timed steps."""
+    """Run one training process; watch its log to read its peak memory at the end of the timed steps.
+    With `stop_after_timed` the process is killed there (no tail step, no final save: a run that
+    measures only steps and memory), and its time outside the steps is not a measurement (NaN)."""
     last_timed = cfg.warmup_steps + cfg.timed_steps
     started = time.perf_counter()
+    stopped = False
     with log_file.open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         hwm_kib: Optional[int] = None
@@ -137,17 +141,22 @@ def run_recipe(
                 break
             if hwm_kib is None and len(read_steps()) >= last_timed:
                 hwm_kib = proc_status_kib(proc.pid, "VmHWM")
+                if stop_after_timed:
+                    proc.kill()
+                    stopped = True
             time.sleep(POLL_S)
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
-    if code != 0:
+    if code != 0 and not stopped:
         tail = "\n".join(log_file.read_text().splitlines()[-40:])
         raise SystemExit(f"error: {library} run failed (exit {code}); see {log_file}:\n{tail}")
     steps = read_steps()
     timed = [s for s in steps if cfg.warmup_steps < s.step <= last_timed]
     if len(timed) != cfg.timed_steps:
         raise SystemExit(f"error: {library} logged {len(steps)} steps, expected {cfg.total_steps}; see {log_file}")
+    if stopped:
+        steps = [s for s in steps if s.step <= last_timed]
     if any(s.tokens_per_second <= 0 for s in steps):
         raise SystemExit(
             f"error: {library} logged a step with no tokens (every label masked?), so its time cannot be "
@@ -172,7 +181,9 @@ def run_recipe(
         peak_memory_gb=peak,
         process_peak_rss_gb=usage.ru_maxrss / 2**20,
         wall_s=wall,
-        outside_steps_s=wall - sum(counts.logged[s.step - 1] / s.tokens_per_second for s in steps),
+        outside_steps_s=float("nan")
+        if stopped
+        else wall - sum(counts.logged[s.step - 1] / s.tokens_per_second for s in steps),
         first_loss=steps[0].loss,
         self_reported_peak_gb=logged_peak,
     )

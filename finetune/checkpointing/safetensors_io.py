@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from finetune.checkpointing.lazy import lazy, nbytes
 from finetune.errors import UserError
 
 PathLike = Union[str, os.PathLike]
@@ -122,25 +123,28 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None
 ) -> None:
-    """Write tensors (any device, contiguous or not) to `path`, one tensor in flight at a time."""
+    """Write tensors (any device, contiguous or not) to `path`, one tensor in flight at a time.
+
+    A `LazyStateDict` is read once per tensor, while it is written: the header comes from its specs."""
+    entries = lazy(tensors)
     header: dict[str, dict] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors")
-        size = tensor_nbytes(tensor)
-        header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
+    for name in entries:
+        shape, dtype = entries.spec(name)
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {dtype} in safetensors")
+        size = nbytes((shape, dtype))
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # data block starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for tensor in tensors.values():
-            cpu = tensor.detach().to("cpu").contiguous()
+        for name in entries:
+            cpu = entries[name].detach().to("cpu").contiguous()
+            if (tuple(cpu.shape), cpu.dtype) != entries.spec(name):
+                raise ValueError(f"tensor {name!r} was made as {cpu.dtype} {list(cpu.shape)}, not as its spec says")
             if cpu.numel():
                 f.write(memoryview(cpu.reshape(-1).view(torch.uint8).numpy()))
+            del cpu

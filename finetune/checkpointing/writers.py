@@ -15,6 +15,7 @@ import torch
 
 from finetune.checkpointing.formats import SAFETENSORS_INDEX
 from finetune.checkpointing.key_mapping import is_rotary_projection, rotate_half_to_meta, to_hf_name, to_meta_name
+from finetune.checkpointing.lazy import LazyStateDict, lazy, nbytes
 from finetune.checkpointing.model_configs import (
     HF_CONFIG,
     META_PARAMS,
@@ -34,24 +35,19 @@ HF_TOKENIZER_FILES = ("tokenizer.json", TOKENIZER_CONFIG, "special_tokens_map.js
 GENERATION_CONFIG = "generation_config.json"
 
 
-def _checkpoint_tensors(state_dict: Mapping[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """The state dict minus the tied output layer (saved once, as the embeddings)."""
-    tensors = dict(state_dict)
-    if args.tie_embeddings:
-        tensors.pop("output.weight", None)
-    return tensors
+def _checkpoint_tensors(state_dict: Mapping[str, torch.Tensor], args: ModelArgs) -> LazyStateDict:
+    """The state dict minus the tied output layer (saved once, as the embeddings); nothing is read."""
+    tensors = lazy(state_dict)
+    return tensors.select([name for name in tensors if not (args.tie_embeddings and name == "output.weight")])
 
 
-def _renamed(tensors: Mapping[str, torch.Tensor], rename, format_name: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in tensors.items():
-        theirs = rename(name)
-        if theirs is None:
+def _renamed(tensors: LazyStateDict, rename, format_name: str) -> LazyStateDict:
+    for name in tensors:
+        if rename(name) is None:
             raise ValueError(
                 f"state dict entry {name!r} has no {format_name} name; is it a TransformerDecoder state dict?"
             )
-        out[theirs] = tensor
-    return out
+    return tensors.select(list(tensors), rename)
 
 
 def _stored_dtype(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -62,28 +58,12 @@ def _cast(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     return tensor.to(_stored_dtype(tensor, dtype))
 
 
-class _LazyCast(Mapping):
-    """The named tensors, each cast only when read, so one converted tensor exists at a time."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], names: Sequence[str], dtype: Optional[torch.dtype]) -> None:
-        self.tensors, self.names, self.dtype = tensors, list(names), dtype
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return _cast(self.tensors[name], self.dtype)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def _shards(tensors: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype], max_shard_bytes: int) -> list[list[str]]:
+def _shards(tensors: LazyStateDict, max_shard_bytes: int) -> list[list[str]]:
     """Greedy split in name order; a tensor bigger than the limit gets a shard of its own."""
     shards: list[list[str]] = [[]]
     current = 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * _stored_dtype(tensor, dtype).itemsize
+    for name in tensors:
+        size = nbytes(tensors.spec(name))
         if shards[-1] and current + size > max_shard_bytes:
             shards.append([])
             current = 0
@@ -109,31 +89,29 @@ def save_hf_checkpoint(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Lazy throughout: each tensor is read (cast, or made: see LazyStateDict) only as it is written.
     tensors = _renamed(
         _checkpoint_tensors(state_dict, args), lambda name: to_hf_name(name, args.sandwich_norms), "Hugging Face"
-    )
-    shards = _shards(tensors, dtype, max_shard_bytes)
+    ).cast(dtype)
+    shards = _shards(tensors, max_shard_bytes)
     written = []
     if len(shards) == 1:
         path = out / "model.safetensors"
-        save_safetensors(_LazyCast(tensors, shards[0], dtype), path)
+        save_safetensors(tensors.select(shards[0]), path)
         written.append(path)
     else:
         weight_map = {}
         for index, names in enumerate(shards, start=1):
             path = out / f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(_LazyCast(tensors, names, dtype), path)
+            save_safetensors(tensors.select(names), path)
             weight_map.update({name: path.name for name in names})
             written.append(path)
-        total = sum(t.numel() * _stored_dtype(t, dtype).itemsize for t in tensors.values())
+        total = sum(nbytes(tensors.spec(name)) for name in tensors)
         index_path = out / SAFETENSORS_INDEX
         _write_json(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append(index_path)
-    stored_dtype = (
-        dtype
-        if dtype is not None
-        else next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    )
+    first_float = next((d for _, d in tensors.specs.values() if d.is_floating_point), torch.float32)
+    stored_dtype = dtype if dtype is not None else first_float
     written += write_beside_weights(out, args, stored_dtype, **beside)
     return written
 

@@ -10,7 +10,7 @@ model that contains `LoRALinear` modules.
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,12 @@ def _check_settings(rank: int, alpha: float, dropout: float) -> None:
         raise UserError(f"lora_dropout={dropout!r} must be in [0, 1)")
 
 
-def _frozen_nf4(weight: nn.Parameter) -> nn.Parameter:
-    """`weight` stored as NF4 (frozen); unchanged when it already is NF4 or still on meta."""
+def _frozen_nf4(weight: nn.Parameter, device: Device = None) -> nn.Parameter:
+    """`weight` stored as NF4 (frozen), quantized on `device` (default: where it is) and left there;
+    unchanged when it already is NF4 or still on meta."""
     if ao.is_nf4(weight) or weight.is_meta:
         return weight
-    return nn.Parameter(ao.to_nf4(weight.detach()), requires_grad=False)
+    return nn.Parameter(ao.to_nf4(weight.detach().to(device)), requires_grad=False)
 
 
 def _frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,12 @@ class LoRALinear(nn.Module):
         if self.magnitude is not None:
             self.magnitude = nn.Parameter(torch.empty_like(self.magnitude, device=device, dtype=dtype))
 
+    def _adapters_to(self, device: torch.device) -> None:
+        self.lora_a.to(device)
+        self.lora_b.to(device)
+        if self.magnitude is not None and self.magnitude.device != device:
+            self.magnitude = nn.Parameter(self.magnitude.detach().to(device))
+
     def reset_lora_parameters(self) -> None:
         """A like nn.Linear's default, B zero: the adapter starts as an exact no-op."""
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
@@ -139,12 +146,14 @@ class LoRALinear(nn.Module):
     def initialize(self) -> None:
         """Everything that must follow loading the base weight, in order: quantize it (QLoRA) so the
         DoRA magnitude is measured on the weight the forward will use, then reset the adapters.
-        Adapters still on the meta device (the base was assign-loaded) get storage beside the base."""
+        Adapters still on the meta device (the base was assign-loaded) are drawn on the CPU, whatever
+        device the base is on (a run starts from the same adapters anywhere), then moved beside it."""
         if self.lora_a.weight.is_meta and not self.weight.is_meta:
-            self.adapters_to_empty(self.weight.device)
+            self.adapters_to_empty("cpu")
         if self.quantize_base:
             self.quantize_base_weight()
         self.reset_lora_parameters()
+        self._adapters_to(self.weight.device)
         if self.magnitude is not None:
             self.initialize_dora_magnitude()
 
@@ -305,6 +314,14 @@ def nf4_base_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def quantize_nf4_bases(model: nn.Module, device: Device = None) -> None:
+    """Store every QLoRA base weight as NF4 now, each quantized on `device` (default: where it is)
+    and left there. One dense weight at a time goes to `device`, so a GPU holds at most one beside
+    the 4-bit ones, and a dense weight no one else holds is freed as soon as its NF4 form exists."""
+    for module in nf4_base_modules(model).values():
+        module.weight = _frozen_nf4(module.weight, device)
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
@@ -389,19 +406,33 @@ def initialize_adapters(model: nn.Module) -> None:
             module.initialize()
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict in base format: each adapted weight merged (W + s B A, DoRA's
-    m * W' / ||W'||), NF4 weights dequantized, adapter tensors dropped."""
+def merged_weights(
+    model: nn.Module,
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], Callable[[str], torch.Tensor]]:
+    """What `merged_state_dict` holds, one tensor at a time: each name's (shape, dtype), and a
+    function that makes that one tensor (merged, or dequantized, on the model's device)."""
     adapted = lora_modules(model)
-    merged = {}
+    kept: dict[str, tuple[torch.Tensor, Optional[LoRALinear]]] = {}
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
         owner, _, inner = module_name.rpartition(".")
         if (owner in adapted and inner in ("lora_a", "lora_b")) or (module_name in adapted and leaf == "magnitude"):
             continue
-        if module_name in adapted and leaf == "weight":
-            tensor = adapted[module_name].merged_weight()
+        kept[name] = (tensor, adapted[module_name] if module_name in adapted and leaf == "weight" else None)
+
+    def make(name: str) -> torch.Tensor:
+        tensor, module = kept[name]
+        if module is not None:
+            tensor = module.merged_weight()
         elif ao.is_nf4(tensor):
             tensor = ao.nf4_dequantize(tensor)
-        merged[name] = _full(tensor.detach())
-    return merged
+        return _full(tensor.detach())
+
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, (tensor, _) in kept.items()}, make
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict in base format: each adapted weight merged (W + s B A, DoRA's
+    m * W' / ||W'||), NF4 weights dequantized, adapter tensors dropped."""
+    specs, make = merged_weights(model)
+    return {name: make(name) for name in specs}

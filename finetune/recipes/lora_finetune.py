@@ -12,6 +12,7 @@ recipe uses.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
+from finetune.checkpointing.lazy import LazyStateDict
 from finetune.checkpointing.peft import MERGED_DIR
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder, num_params
@@ -28,6 +30,7 @@ from finetune.models.lora import (
     initialize_adapters,
     load_adapter_state_dict,
     merged_state_dict,
+    merged_weights,
     set_trainable_params,
 )
 from finetune.params import LoraFinetuneParams, resolve_path
@@ -52,7 +55,7 @@ LORA_SETTINGS = (
     "quantize_base",
 )
 
-Weights = tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]]]  # adapter, merged model
+Weights = tuple[dict[str, torch.Tensor], Optional[Mapping[str, torch.Tensor]]]  # adapter, merged model
 
 
 class LoraFinetuneRecipe:
@@ -155,11 +158,15 @@ class LoraFinetuneRecipe:
             # Its own folder: transformers would apply an adapter_config.json beside it again.
             save_hf_checkpoint(merged, self.source.args, folder / MERGED_DIR, **self.source.output_extras())
 
-    def _merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """Base + scale * B @ A for every adapted weight (DoRA rescaled), on CPU, on rank 0."""
+    def _merged_state_dict(self) -> Mapping[str, torch.Tensor]:
+        """Base + scale * B @ A for every adapted weight (DoRA rescaled), on CPU, on rank 0.
+
+        In one process each weight is merged on the device and copied to the host only while the
+        writer writes it, so the host never holds the whole merged model."""
         assert self.run is not None
         if not self.run.dist.is_distributed:
-            return {name: tensor.to("cpu") for name, tensor in merged_state_dict(self.model).items()}
+            specs, make = merged_weights(self.model)
+            return LazyStateDict(specs, lambda name: make(name).to("cpu"))
         full_state = full_model_state_dict(self.model)
         if not self.run.rank_zero:
             return {}

@@ -19,10 +19,11 @@ from torch import nn
 from finetune.checkpointing import load_state_dict
 from finetune.errors import UserError
 from finetune.models import ModelArgs, TransformerDecoder
-from finetune.models.lora import nf4_base_modules
+from finetune.models.lora import nf4_base_modules, quantize_nf4_bases
 from finetune.training.activations import apply_activation_checkpointing
 from finetune.training.distributed import DistInfo, broadcast_object, run_on_rank_zero
 from finetune.training.fsdp import load_full_model_state_dict, shard_model
+from finetune.training.memory import keep_freed_host_memory
 
 ModuleHook = Callable[[nn.Module], None]
 
@@ -51,14 +52,25 @@ def build_on_cpu(
     *,
     adapt: Optional[ModuleHook] = None,
     initialize: Optional[ModuleHook] = None,
+    quantize_on: Optional[torch.device] = None,
 ) -> TransformerDecoder:
     """The complete starting model on CPU: `adapt` changes modules (LoRA) on the meta device,
-    the base weights are assigned, then `initialize` fills what the checkpoint has not (adapters)."""
+    the base weights are assigned, then `initialize` fills what the checkpoint has not (adapters).
+
+    `state_dict` is consumed: its tensors become the model's and the dict is emptied, so that each
+    dense weight is freed once the model lets go of it. With `quantize_on`, QLoRA base weights are
+    quantized to NF4 on that device one at a time, before `initialize`, and stay there: on a GPU
+    that takes seconds where the CPU takes minutes, and the host never holds the NF4 copy beside
+    the dense one. Without it, `initialize` quantizes them where they are (weights gathered for a
+    merged save may already be NF4)."""
     with torch.device("meta"):
         model = TransformerDecoder(args)
     if adapt is not None:
         adapt(model)
     model.load_state_dict(state_dict, strict=False, assign=True)
+    state_dict.clear()
+    if quantize_on is not None:
+        quantize_nf4_bases(model, quantize_on)
     model.tie_weights()
     model.init_rope(torch.device("cpu"))
     if initialize is not None:
@@ -92,14 +104,19 @@ def prepare_model(
     `state_dict` holds the base weights in the run's dtype; only the owning process (rank 0
     when distributed) needs it, other ranks pass {}. Activation checkpointing wraps each layer
     before compile, and both come before FSDP wraps the layers.
+
+    A CPU run keeps freed host memory in its heap once the model is built (`keep_freed_host_memory`): good
+    for steps, which allocate the same sizes each time, but not while the model is built, when
+    dense weights are freed as their NF4 forms appear and the heap would keep every one of them.
     """
     if not dist.is_distributed:
         if cpu_offload:
             raise UserError("cpu_offload is an FSDP option: it needs --nproc_per_node 2 or more; unset it")
-        model = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize)
+        model = build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize, quantize_on=device)
         _apply_features(model, activation_checkpointing, compile)
         model.to(device=device)
         model.init_rope(device)  # recomputed in fp32 on the device
+        _keep_freed_memory_for_steps(device)
         return model
     full_state = run_on_rank_zero(
         lambda: build_on_cpu(args, state_dict, adapt=adapt, initialize=initialize).state_dict(), default={}
@@ -133,7 +150,13 @@ def prepare_model(
         module.weight = nn.Parameter(weight.to(device), requires_grad=False)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
+    _keep_freed_memory_for_steps(device)
     return model
+
+
+def _keep_freed_memory_for_steps(device: torch.device) -> None:
+    if device.type == "cpu":
+        keep_freed_host_memory()
 
 
 def _apply_features(model: nn.Module, activation_checkpointing: bool, compile: bool) -> None:

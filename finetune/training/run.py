@@ -40,7 +40,6 @@ from finetune.training.distributed import (
     run_on_rank_zero,
 )
 from finetune.training.guards import Preempted
-from finetune.training.memory import keep_freed_host_memory
 from finetune.training.model_setup import ModuleHook, initial_state_dict, prepare_model
 from finetune.training.monitor import JobMonitor
 from finetune.training.precision import resolve_run_dtype
@@ -186,8 +185,6 @@ def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Option
     params.check()  # a notebook may have changed a field since the params were built
     dist = init_distributed(resolve_device(params.device).type)
     device = resolve_device(params.device, dist.local_rank)
-    if device.type == "cpu":
-        keep_freed_host_memory()
     dtype = resolve_run_dtype(params.dtype, device)
     seed_everything(params.seed, dist.rank)
     output_dir = Path(params.output_dir)

@@ -80,12 +80,15 @@ def test_fp32_on_cuda_follows_the_cpu_run(tmp_path):
     "extra", [{}, {"quantize_base": True}, {"use_dora": True, "compile": True}], ids=["lora", "qlora", "dora_compiled"]
 )
 def test_lora_variants_train_in_bf16(tmp_path, extra):
+    # Compiled, 12 steps: the first steps recompile for new batch shapes (the DoRA case ran past a
+    # 150 s limit at 30 steps); the loss has dropped well before step 12 (6.3 -> 5.3 by step 5).
+    steps = 12 if extra.get("compile") else 30
     run(
         LoraFinetuneRecipe,
         LoraFinetuneParams,
         tmp_path,
         dtype="bf16",
-        max_steps_per_epoch=30,
+        max_steps_per_epoch=steps,
         lr=3e-3,
         apply_lora_to_mlp=True,
         **extra,
@@ -93,8 +96,8 @@ def test_lora_variants_train_in_bf16(tmp_path, extra):
     losses = train_losses(tmp_path / "out")
     # Adapters on a random base learn the data's easy part quickly, then plateau (seen: 6.3 -> 5.3
     # in 5 steps on an H100), so the bar is an absolute drop rather than a ratio.
-    assert len(losses) == 30 and sum(losses[-4:]) / 4 < losses[0] - 0.5, losses
-    assert (tmp_path / "out" / "step_30" / "adapter_model.safetensors").is_file()
+    assert len(losses) == steps and sum(losses[-4:]) / 4 < losses[0] - 0.5, losses
+    assert (tmp_path / "out" / f"step_{steps}" / "adapter_model.safetensors").is_file()
 
 
 def test_torchao_adamw8bit_and_compile_train(tmp_path):
