@@ -44,6 +44,8 @@ class StreamedSamples(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.num_samples = num_samples
+        # Unknown until the stream is read through: a resume cannot check that the data kept its size.
+        self.dataset_len: Optional[int] = None
         self.epoch = 0
         self.start_index = 0
 

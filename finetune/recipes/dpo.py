@@ -29,7 +29,6 @@ from torch import nn
 
 from finetune.checkpointing import load_peft_adapter, save_hf_checkpoint, save_peft_adapter
 from finetune.checkpointing.peft import MERGED_DIR
-from finetune.checkpointing.recipe_state import check_resume_settings, find_resume_checkpoint
 from finetune.data import ResumableDistributedSampler, build_dataloader
 from finetune.data.preference import PreferenceDataset, build_preference_dataset, collate_pairs
 from finetune.errors import UserError
@@ -61,9 +60,8 @@ from finetune.training.preference import (
 from finetune.training.run import ModelSource, RunContext, close_run, load_model_source, start_run
 
 PARAMS_CLASS = DpoParams
-# What a resumed run must keep: the adapter's shape and what the loss compares.
+# What a resumed run must keep besides the data, the model and the adapter: what the loss compares.
 RESUME_SETTINGS = (
-    *LORA_SETTINGS,
     "use_lora",
     "loss_type",
     "beta",
@@ -86,14 +84,8 @@ class DpoRecipe:
 
     def setup(self) -> None:
         p = self.params
-        self.run = start_run(p)
-        resume_dir = (
-            find_resume_checkpoint(self.run.output_dir, self.run.log, lora=p.use_lora)
-            if p.resume_from_checkpoint
-            else None
-        )
-        if resume_dir is not None:
-            check_resume_settings(resume_dir, p, RESUME_SETTINGS)
+        self.run = start_run(p, adapter_settings=LORA_SETTINGS if p.use_lora else None, recipe_settings=RESUME_SETTINGS)
+        resume_dir = self.run.resume.checkpoint if self.run.resume is not None else None
         self.source: ModelSource = load_model_source(p)
         if p.use_lora:
             check_rank_fits(p, self.source.args)

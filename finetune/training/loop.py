@@ -137,7 +137,7 @@ class TrainingLoop:
     def _load_recipe_state(self, resume: ResumePoint) -> None:
         state = resume.state
         saved_samples = state.get("dataset_len")
-        if saved_samples is not None and saved_samples != self.sampler.dataset_len:
+        if None not in (saved_samples, self.sampler.dataset_len) and saved_samples != self.sampler.dataset_len:
             raise UserError(
                 f"the training data has {self.sampler.dataset_len} samples but {resume.checkpoint} was trained on "
                 f"{saved_samples}: it changed since, so the saved position would point into another order; "

@@ -88,11 +88,13 @@ def plan_resume(
     world_size: int,
     adapter_settings: Optional[Sequence[str]],
     log: Callable[[str], None],
+    recipe_settings: Sequence[str] = (),
 ) -> Optional[ResumePoint]:
     """The checkpoint this run continues from (None on a first start), every refusal said first.
 
     `adapter_settings` are a LoRA recipe's adapter keys (its checkpoints hold adapters); None for
-    a recipe that trains the whole model.
+    a recipe that trains the whole model. `recipe_settings`: other keys of the recipe's own that
+    a resumed run must keep (what a preference loss compares, for one).
     """
     checkpoint = choose_checkpoint(output_dir, params.resume_from_checkpoint)
     if checkpoint is None:
@@ -101,7 +103,9 @@ def plan_resume(
     check_checkpoint_kind(checkpoint, lora=adapter_settings is not None)
     state = read_recipe_state(checkpoint)
     saved = _saved_params(checkpoint)
-    check_resume_settings(checkpoint, params, (*DATA_ORDER_KEYS, *MODEL_KEYS, *(adapter_settings or ())), saved)
+    check_resume_settings(
+        checkpoint, params, (*DATA_ORDER_KEYS, *MODEL_KEYS, *(adapter_settings or ()), *recipe_settings), saved
+    )
     saved_world = len(state["rng_states"])  # one per rank
     if saved_world != world_size:
         raise UserError(

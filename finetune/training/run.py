@@ -178,10 +178,15 @@ class RunContext:
             self.lock.release()
 
 
-def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Optional[Sequence[str]] = None) -> RunContext:
+def start_run(
+    params: FullFinetuneParams | DummyParams,
+    adapter_settings: Optional[Sequence[str]] = None,
+    recipe_settings: Sequence[str] = (),
+) -> RunContext:
     """Join the process group, pick device and dtype, seed, claim and lock output_dir, plan the
     resume (`run.resume`), start the monitor. `adapter_settings`: a LoRA recipe's adapter keys,
-    which a resumed run must keep (None for a recipe that trains the whole model)."""
+    which a resumed run must keep (None for a recipe that trains the whole model); `recipe_settings`:
+    the recipe's own keys a resumed run must keep."""
     params.check()  # a notebook may have changed a field since the params were built
     dist = init_distributed(resolve_device(params.device).type)
     device = resolve_device(params.device, dist.local_rank)
@@ -199,7 +204,12 @@ def start_run(params: FullFinetuneParams | DummyParams, adapter_settings: Option
         if isinstance(params, FullFinetuneParams) and params.resume_from_checkpoint:
             log = partial(tqdm.write, file=sys.stderr) if dist.rank == 0 else _quiet
             resume = plan_resume(
-                params, output_dir, world_size=dist.world_size, adapter_settings=adapter_settings, log=log
+                params,
+                output_dir,
+                world_size=dist.world_size,
+                adapter_settings=adapter_settings,
+                log=log,
+                recipe_settings=recipe_settings,
             )
         earlier_record = None
         if lock is not None:
