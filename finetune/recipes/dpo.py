@@ -36,15 +36,13 @@ from finetune.models import TransformerDecoder, num_params
 from finetune.models.lora import (
     adapter_state_dict,
     adapters_disabled,
-    apply_lora,
     initialize_adapters,
     load_adapter_state_dict,
     merged_state_dict,
-    set_trainable_params,
 )
 from finetune.params import DpoParams, resolve_path
 from finetune.recipes import recipe_main, run_recipe
-from finetune.recipes.lora_finetune import LORA_SETTINGS, check_rank_fits
+from finetune.recipes.lora_finetune import LORA_SETTINGS, add_adapters, check_rank_fits
 from finetune.training.data_setup import TrainingData, steps_per_epoch
 from finetune.training.fsdp import full_model_state_dict
 from finetune.training.loop import TrainingLoop
@@ -191,27 +189,15 @@ class DpoRecipe:
                 load_adapter_state_dict(model, adapter)
 
         return run.prepare_model(
-            self.source.args, self._starting_weights(), adapt=self._add_adapters, initialize=initialize
+            self.source.args,
+            self._starting_weights(),
+            adapt=partial(add_adapters, p=self.params),
+            initialize=initialize,
         )
 
     def _starting_weights(self) -> dict[str, torch.Tensor]:
         assert self.run is not None
         return self.run.load_weights(self.source.args, self.source.checkpoint_dir, self.params.checkpoint_format)
-
-    def _add_adapters(self, model: nn.Module) -> None:
-        p = self.params
-        apply_lora(
-            model,
-            attn_modules=p.lora_attn_modules,
-            mlp=p.apply_lora_to_mlp,
-            output=p.apply_lora_to_output,
-            rank=p.lora_rank,
-            alpha=p.lora_alpha,
-            dropout=p.lora_dropout,
-            use_dora=p.use_dora,
-            quantize_base=p.quantize_base,
-        )
-        set_trainable_params(model)
 
     # ------------------------------------------------------------------------------------------
     # The reference
@@ -342,7 +328,7 @@ class DpoRecipe:
         full_state = full_model_state_dict(self.model)
         if not self.run.rank_zero:
             return {}
-        return merged_state_dict(build_on_cpu(self.source.args, full_state, adapt=self._add_adapters))
+        return merged_state_dict(build_on_cpu(self.source.args, full_state, adapt=partial(add_adapters, p=self.params)))
 
     def cleanup(self) -> None:
         close_run(self.run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -58,6 +59,22 @@ LORA_SETTINGS = (
 Weights = tuple[dict[str, torch.Tensor], Optional[Mapping[str, torch.Tensor]]]  # adapter, merged model
 
 
+def add_adapters(model: nn.Module, p: LoraFinetuneParams) -> None:
+    """The adapters `p` asks for, on a built model; only they stay trainable."""
+    apply_lora(
+        model,
+        attn_modules=p.lora_attn_modules,
+        mlp=p.apply_lora_to_mlp,
+        output=p.apply_lora_to_output,
+        rank=p.lora_rank,
+        alpha=p.lora_alpha,
+        dropout=p.lora_dropout,
+        use_dora=p.use_dora,
+        quantize_base=p.quantize_base,
+    )
+    set_trainable_params(model)
+
+
 class LoraFinetuneRecipe:
     """Train low-rank adapters on a frozen (optionally NF4-quantized) base model: only the
     adapters have gradients and optimizer state, and only they are saved for a resume."""
@@ -66,21 +83,6 @@ class LoraFinetuneRecipe:
         self.params = params
         self.run: Optional[RunContext] = None
         self.loop: Optional[TrainingLoop] = None
-
-    def _add_adapters(self, model: nn.Module) -> None:
-        p = self.params
-        apply_lora(
-            model,
-            attn_modules=p.lora_attn_modules,
-            mlp=p.apply_lora_to_mlp,
-            output=p.apply_lora_to_output,
-            rank=p.lora_rank,
-            alpha=p.lora_alpha,
-            dropout=p.lora_dropout,
-            use_dora=p.use_dora,
-            quantize_base=p.quantize_base,
-        )
-        set_trainable_params(model)
 
     def setup(self) -> None:
         p = self.params
@@ -122,7 +124,9 @@ class LoraFinetuneRecipe:
                 adapter, _ = load_peft_adapter(resume_dir, self.source.args)
                 load_adapter_state_dict(model, adapter)
 
-        return run.prepare_model(self.source.args, base_state, adapt=self._add_adapters, initialize=initialize)
+        return run.prepare_model(
+            self.source.args, base_state, adapt=partial(add_adapters, p=self.params), initialize=initialize
+        )
 
     def train(self) -> None:
         assert self.loop is not None
@@ -171,7 +175,7 @@ class LoraFinetuneRecipe:
         if not self.run.rank_zero:
             return {}
         # Rebuild an unsharded CPU copy around the gathered tensors (assigned, not copied).
-        return merged_state_dict(build_on_cpu(self.source.args, full_state, adapt=self._add_adapters))
+        return merged_state_dict(build_on_cpu(self.source.args, full_state, adapt=partial(add_adapters, p=self.params)))
 
     def cleanup(self) -> None:
         close_run(self.run)
