@@ -8,9 +8,14 @@ Data: generated Alpaca-style instruction JSON Lines (seeded), written under --wo
 deleted afterwards (--keep keeps it). Tokenizer: the demo SentencePiece model. Each training
 run is a fresh `tune full_finetune_single_device` process on the tiny model that stops after
 one step; time to the first step is from process start to its first metrics line, and peak
-RSS is the process's VmHWM (read from /proc while it runs). `--baseline-sizes` also times
-`data_cache_dir=none` (tokenizing in memory every run, the path without the cache).
-Wall-clock numbers depend on the machine's other load: compare within one run of this script.
+RSS is the process's VmHWM (read from /proc while it runs); the build's worker processes are
+reported apart, as their summed proportional set size (PSS: pages shared with the parent
+counted once). The same cold and warm pair is also timed inside a live Python process that
+has already trained once (as in a notebook): the recipe's setup to its first metrics line,
+without the interpreter and library start-up that every process pays whatever its data.
+`--baseline-sizes` also times `data_cache_dir=none` (tokenizing in memory every run, the
+path without the cache). Wall-clock numbers depend on the machine's other load: compare
+within one run of this script.
 """
 
 from __future__ import annotations
@@ -76,12 +81,9 @@ def generate(path: Path, gigabytes: float, seed: int = 0) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def first_step(data: Path, cache: Optional[Path], out: Path) -> dict[str, float]:
-    argv = [
-        sys.executable,
-        "-m",
-        "finetune.cli",
-        "full_finetune_single_device",
+def run_settings(data: Path, cache: Optional[Path], out: Path) -> list[str]:
+    """The overrides of every timed run: the tiny model, one step of batch 2, fp32 on CPU."""
+    return [
         "model=tiny",
         f"tokenizer_path={TOKENIZER}",
         f"dataset={data}",
@@ -93,15 +95,76 @@ def first_step(data: Path, cache: Optional[Path], out: Path) -> dict[str, float]
         f"output_dir={out}",
         f"data_cache_dir={cache if cache is not None else 'none'}",
     ]
+
+
+def first_step(data: Path, cache: Optional[Path], out: Path) -> dict[str, float]:
+    """A fresh `tune` process: time from its start to its first metrics line, its peak RSS."""
+    argv = [sys.executable, "-m", "finetune.cli", "full_finetune_single_device", *run_settings(data, cache, out)]
+    return _watch(argv, out / "metrics.jsonl", out)
+
+
+def first_step_in_process(data: Path, cache: Path, out: Path, workdir: Path) -> dict[str, float]:
+    """A Python process trains once on a small file (imports, first backward), then runs the
+    recipe on `data`: the time from that recipe's setup to its first metrics line."""
+    warmup = workdir / "warmup.jsonl"
+    with open(data, encoding="utf-8") as source, open(warmup, "w", encoding="utf-8") as sink:
+        sink.writelines(line for _, line in zip(range(64), source))
+    timing = workdir / "in_process.json"
+    argv = [sys.executable, __file__, "--drive", str(warmup), str(data), str(cache), str(out), str(timing)]
+    result = _watch(argv, timing, out)
+    result["first_step_s"] = json.loads(timing.read_text())["first_step_s"]
+    return result
+
+
+def _drive(warmup: Path, data: Path, cache: Path, out: Path, timing: Path) -> None:
+    """The in-process run (`--drive`): a warm-up recipe, then the timed one."""
+    import threading
+
+    from finetune.config import TuneArgumentParser
+    from finetune.params import FullFinetuneParams
+    from finetune.recipes.full_finetune import FullFinetuneRecipe
+
+    def train(dataset: Path, cache_dir: Path, output_dir: Path) -> Optional[float]:
+        params = TuneArgumentParser(FullFinetuneParams).parse_args(run_settings(dataset, cache_dir, output_dir))
+        metrics, seen = output_dir / "metrics.jsonl", {}
+        began = time.perf_counter()
+
+        def watch() -> None:
+            while "at" not in seen:
+                if metrics.exists() and metrics.stat().st_size > 0:
+                    seen["at"] = time.perf_counter() - began
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        recipe = FullFinetuneRecipe(params)
+        recipe.setup()
+        recipe.train()
+        recipe.cleanup()
+        watcher.join(timeout=1)
+        return seen.get("at")
+
+    for leftover in ("warmup_cache", "warmup_out"):
+        shutil.rmtree(out.parent / leftover, ignore_errors=True)
+    train(warmup, out.parent / "warmup_cache", out.parent / "warmup_out")
+    first = train(data, cache, out)
+    timing.write_text(json.dumps({"first_step_s": first}))
+
+
+def _watch(argv: list[str], done_file: Path, out: Path) -> dict[str, float]:
+    """Run `argv`; time until `done_file` has content; peak RSS of the process and peak summed
+    PSS of its child processes (the build workers)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     shutil.rmtree(out, ignore_errors=True)
+    done_file.unlink(missing_ok=True)
     began, cpu_before = time.perf_counter(), os.times()
     log = open(out.parent / f"{out.name}.log", "w")  # a file: a full pipe would stall the run
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    metrics, first, peak_kb = out / "metrics.jsonl", None, 0
+    first, peak_kb, workers_kb = None, 0, 0
     while process.poll() is None:
         peak_kb = max(peak_kb, _vm_hwm_kb(process.pid))
-        if first is None and metrics.exists() and metrics.stat().st_size > 0:
+        workers_kb = max(workers_kb, sum(_pss_kb(child) for child in _children(process.pid)))
+        if first is None and done_file.exists() and done_file.stat().st_size > 0:
             first = time.perf_counter() - began
         time.sleep(0.02)
     log.close()
@@ -111,18 +174,34 @@ def first_step(data: Path, cache: Optional[Path], out: Path) -> dict[str, float]
     return {
         "first_step_s": first if first is not None else time.perf_counter() - began,
         "peak_rss_mb": peak_kb / 1024,
+        "workers_pss_mb": workers_kb / 1024,
         "cpu_s": cpu.children_user + cpu.children_system - cpu_before.children_user - cpu_before.children_system,
     }
 
 
 def _vm_hwm_kb(pid: int) -> int:
+    return _proc_field(f"/proc/{pid}/status", "VmHWM:")
+
+
+def _pss_kb(pid: int) -> int:
+    return _proc_field(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def _proc_field(path: str, name: str) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(name):
                 return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
     return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,12 +277,16 @@ def _cpu() -> float:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--drive"]:
+        _drive(*(Path(arg) for arg in sys.argv[2:7]))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0], help="GB of JSONL")
     parser.add_argument("--throughput-sizes", type=float, nargs="*", default=[0.1])
     parser.add_argument("--baseline-sizes", type=float, nargs="*", default=[0.1])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-hf", action="store_true", help="skip datasets.map")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process pair")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_data"))
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -225,6 +308,11 @@ def main() -> None:
             print(f"[{size:g} GB] warm cache: {row['warm']}", flush=True)
             row["cache_mb"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / 2**20
             shutil.rmtree(cache, ignore_errors=True)
+            if not args.no_in_process:
+                for state in ("cold", "warm"):
+                    row[f"in_process_{state}"] = first_step_in_process(data, cache, args.workdir / "out", args.workdir)
+                    print(f"[{size:g} GB] in process, {state} cache: {row[f'in_process_{state}']}", flush=True)
+                shutil.rmtree(cache, ignore_errors=True)
             if size in args.baseline_sizes:
                 row["no_cache"] = first_step(data, None, args.workdir / "out")
                 print(f"[{size:g} GB] no cache: {row['no_cache']}", flush=True)

@@ -9,27 +9,30 @@ re-runs the same job.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
-import os
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
-
-import yaml
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
 
 from finetune.checkpointing.formats import CHECKPOINT_FORMATS
-from finetune.config.coercion import describe_type, matches_type
-from finetune.config.parser import TuneArgumentParser
 from finetune.config.paths import check_output_dir_apart, checked_resume_from
 from finetune.data.dataset import DatasetType
-from finetune.data.sources import FILE_SUFFIXES, parse_split
+from finetune.data.sources import parse_split
 from finetune.data.templates import get_template
-from finetune.errors import UserError
 from finetune.models import MODEL_NAMES
 from finetune.models.lora import ATTN_MODULES
+from finetune.param_fields import (
+    ParamsIO,
+    check_choice,
+    check_field_types,
+    events_redis_channel_param,
+    events_redis_url_param,
+    events_webhook_param,
+    field_names,
+    heartbeat_param,
+    param,
+    require,
+    resolve_path,
+)
 from finetune.quantization import GROUP_SIZES, SCHEMES
 from finetune.training.distributed import DEVICES
 from finetune.training.lr_schedule import SCHEDULES
@@ -37,151 +40,6 @@ from finetune.training.metrics import LOGGERS
 from finetune.training.optim import OPTIMIZERS
 from finetune.training.precision import DTYPES
 from finetune.training.preference import LOSS_TYPES, REFERENCE_FREE
-
-# Paths starting with this prefix point inside the installed package (the demo data and
-# tokenizer ship there), so configs work from any working directory.
-PACKAGE_PREFIX = "pkg:"
-
-
-def param(default: Any, help: str, hint: str = "") -> Any:
-    """A dataclass field with a one-line help text (shown by `--help`) and an optional hint
-    added to the message when a value of the wrong type or choice is given."""
-    metadata = {"help": help, "hint": hint}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-# What a scheduler watches, the same keys for every training run and the dummy's.
-def heartbeat_param() -> Any:
-    return param(5.0, "how often status.json's heartbeat is refreshed")
-
-
-def events_webhook_param() -> Any:
-    return param(None, "POST each events.jsonl record as JSON to this URL (never blocks training)")
-
-
-def events_redis_url_param() -> Any:
-    return param(None, "publish each events.jsonl record to this Redis (redis://host:port/db)")
-
-
-def events_redis_channel_param() -> Any:
-    return param("finetune.events", "the Redis pub/sub channel for events_redis_url")
-
-
-def resolve_path(path: str) -> Path:
-    """Turn a path from params into a real path: `pkg:...` is relative to the package."""
-    if path.startswith(PACKAGE_PREFIX):
-        return Path(__file__).parent / path[len(PACKAGE_PREFIX) :]
-    return Path(path).expanduser()
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(str, choices))}{hint}")
-
-
-def _check_field_types(params: Any) -> None:
-    """Check every field against its annotation, so notebook-built params fail like CLI ones."""
-    hints = typing.get_type_hints(type(params))
-    for f in dataclasses.fields(params):
-        value = getattr(params, f.name)
-        expected = hints[f.name]
-        if isinstance(value, os.PathLike) and matches_type("", expected):  # a notebook's pathlib.Path
-            value = os.fspath(value)
-            setattr(params, f.name, value)
-        hint = f" ({f.metadata['hint']})" if f.metadata.get("hint") else ""
-        try:
-            if typing.get_origin(expected) is Literal:
-                _check_choice(f.name, value, typing.get_args(expected))
-            elif typing.get_origin(expected) is list and typing.get_origin(typing.get_args(expected)[0]) is Literal:
-                for item in value if isinstance(value, list) else []:
-                    _check_choice(f.name, item, typing.get_args(typing.get_args(expected)[0]))
-        except UserError as e:
-            raise UserError(f"{e}{hint}") from None
-        if not matches_type(value, expected):
-            raise UserError(f"{f.name}={value!r} has the wrong type; expected {describe_type(expected)}{hint}")
-
-
-# Fields naming local files or folders a run reads, which `tune validate` looks for.
-_PATH_KEYS = (
-    "checkpoint_dir",
-    "tokenizer_path",
-    "adapter_dir",
-    "dataset",
-    "eval_dataset",
-    "calibration_dataset",
-    "prompt_file",
-)
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-class ParamsIO:
-    """YAML in and out, shared by every Params dataclass (data only, no recipe behaviour)."""
-
-    def check(self) -> None:
-        """Check every field again: a notebook may have changed one since the params were built."""
-        self.__post_init__()  # type: ignore[attr-defined]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()):  # noqa: ANN206
-        argv = ["--config", str(path), *overrides]
-        return TuneArgumentParser(cls).parse_args(argv)
-
-    @classmethod
-    def hint_for_unknown_key(cls, key: str) -> str:
-        """What TuneArgumentParser adds when `key` is not ours: a LoRA setting names the LoRA recipe."""
-        if key in _field_names(LoraFinetuneParams) - _field_names(cls):
-            return (
-                "it is a LoRA setting: run this config with tune lora_finetune "
-                "(also named lora_finetune_single_device and lora_finetune_distributed)"
-            )
-        return ""
-
-    def check_before_run(self) -> list[str]:
-        """What `tune validate` checks beyond construction. An unknown instruct template raises; local
-        paths a run would read but this machine lacks come back as notes (configs may be validated
-        away from the machine that runs them, so these do not fail validation)."""
-        if getattr(self, "dataset_type", None) == "instruct":
-            get_template(self.template)  # type: ignore[attr-defined]
-        notes = []
-        for key in _PATH_KEYS:
-            value = getattr(self, key, None)
-            if not isinstance(value, str) or not value:
-                continue
-            # A dataset without a file suffix or a path prefix may be a Hub name.
-            local = (
-                "dataset" not in key
-                or value.startswith((PACKAGE_PREFIX, ".", "/", "~"))
-                or Path(value).suffix.lower() in FILE_SUFFIXES
-            )
-            if local and not resolve_path(value).exists():
-                notes.append(f"note: {key}={value} does not exist on this machine")
-        return notes
-
-    def __str__(self) -> str:
-        width = max(len(f.name) for f in dataclasses.fields(self))  # type: ignore[arg-type]
-        lines = [f"{type(self).__name__}:"]
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            lines.append(f"  {f.name:<{width}} = {getattr(self, f.name)!r}")
-        return "\n".join(lines)
-
 
 MODEL_HELP = "model: a registry name (e.g. llama3_1_8b, tiny) or auto to read it from the checkpoint"
 RESUME_HELP = "true: continue from the newest complete step_<N> in output_dir; step_<N>: from that one"
@@ -234,8 +92,8 @@ class FullFinetuneParams(ParamsIO):
     data_build_workers: int = param(0, "processes that tokenize data into the cache; 0 = every core")
     data_streaming: bool = param(
         False,
-        "tokenize the training .jsonl while training, in file order, without the cache "
-        "(data larger than the disk); needs max_steps_per_epoch",
+        "tokenize the training data while training, in its order, without the cache (data larger "
+        "than the disk; Hub datasets are read over the network); needs max_steps_per_epoch",
     )
     # Loop
     seed: int = param(42, "random seed: same seed, same data order and loss curve")
@@ -279,16 +137,26 @@ class FullFinetuneParams(ParamsIO):
     events_redis_channel: str = events_redis_channel_param()
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         self._validate_common()
 
+    @classmethod
+    def hint_for_unknown_key(cls, key: str) -> str:
+        """What TuneArgumentParser adds when `key` is not ours: a LoRA setting names the LoRA recipe."""
+        if key in field_names(LoraFinetuneParams) - field_names(cls):
+            return (
+                "it is a LoRA setting: run this config with tune lora_finetune "
+                "(also named lora_finetune_single_device and lora_finetune_distributed)"
+            )
+        return ""
+
     def _validate_common(self) -> None:
-        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(
+        check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        require(
             self.model != "auto" or self.checkpoint_dir is not None,
             "model=auto reads the architecture from the checkpoint, so set checkpoint_dir",
         )
-        _require(
+        require(
             self.checkpoint_dir is not None or self.tokenizer_path is not None,
             "tokenizer_path is required when checkpoint_dir is not set (no tokenizer to find)",
         )
@@ -300,9 +168,9 @@ class FullFinetuneParams(ParamsIO):
             "log_every_n_steps",
             "profile_active_steps",
         ):
-            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         for name in ("num_workers", "data_build_workers", "warmup_steps", "profile_wait_steps", "loss_chunks"):
-            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
+            require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} must be 0 or more")
         for name in (
             "max_steps_per_epoch",
             "save_every_n_steps",
@@ -311,32 +179,32 @@ class FullFinetuneParams(ParamsIO):
             "eval_max_batches",
         ):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
-        _require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be 0 or more")
-        _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
-        _require(
+            require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
+        require(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be 0 or more")
+        require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
+        require(
             self.clip_grad_norm is None or self.clip_grad_norm > 0,
             f"clip_grad_norm={self.clip_grad_norm} must be positive (or none to turn clipping off)",
         )
-        _require(
+        require(
             not (self.enable_activation_offloading and self.compile),
             "enable_activation_offloading and compile cannot be combined: the offload hooks "
             "break compiled graphs; turn one off",
         )
-        _require(
+        require(
             self.eval_every_n_steps is None or self.eval_dataset is not None,
             "eval_every_n_steps is set but eval_dataset is not; "
             "set eval_dataset, or eval_every_n_steps=none to turn eval off",
         )
-        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        require(bool(self.output_dir.strip()), "output_dir must not be empty")
         parse_split(self.split)  # a malformed slice, or a percentage past 100%, before anything starts
         parse_split(self.eval_split, "eval_split")
         output_dir = resolve_path(self.output_dir)
         self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, output_dir)
         sources = {key: getattr(self, key) for key in ("checkpoint_dir", "tokenizer_path", "dataset", "eval_dataset")}
         check_output_dir_apart(output_dir, {k: (v, resolve_path(v)) for k, v in sources.items() if v})
-        _require(
+        require(
             not self.data_streaming or (self.max_steps_per_epoch is not None and not self.packed),
             "data_streaming=true needs max_steps_per_epoch (a stream's length is not known before it is read) "
             "and packed=false",
@@ -365,17 +233,17 @@ class LoraFinetuneParams(FullFinetuneParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be at least 1")
-        _require(
+        require(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be at least 1")
+        require(
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
             f"lora_alpha={self.lora_alpha} must be positive and finite",
         )
-        _require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
-        _require(
+        require(0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        require(
             len(set(self.lora_attn_modules)) == len(self.lora_attn_modules),
             f"lora_attn_modules={self.lora_attn_modules} lists a module twice",
         )
-        _require(
+        require(
             bool(self.lora_attn_modules) or self.apply_lora_to_mlp or self.apply_lora_to_output,
             "no module gets an adapter: set lora_attn_modules, apply_lora_to_mlp or apply_lora_to_output",
         )
@@ -402,25 +270,25 @@ class DpoParams(LoraFinetuneParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(
+        require(
             self.dataset_type != "text",
             "dataset_type=text has no prompt and responses to compare; use instruct (text pairs) or chat "
             "(conversations)",
         )
-        _require(not self.train_on_input, "train_on_input=true: preference losses score responses only; unset it")
-        _require(not self.packed, "packed=true: preference pairs are not packed; unset it")
-        _require(math.isfinite(self.beta) and self.beta > 0, f"beta={self.beta} must be positive and finite")
-        _require(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        _require(
+        require(not self.train_on_input, "train_on_input=true: preference losses score responses only; unset it")
+        require(not self.packed, "packed=true: preference pairs are not packed; unset it")
+        require(math.isfinite(self.beta) and self.beta > 0, f"beta={self.beta} must be positive and finite")
+        require(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        require(
             self.label_smoothing == 0 or self.loss_type != "ipo",
             "label_smoothing applies to loss_type sigmoid and simpo, not ipo; set label_smoothing=0",
         )
-        _require(math.isfinite(self.simpo_gamma), f"simpo_gamma={self.simpo_gamma} must be finite")
-        _require(
+        require(math.isfinite(self.simpo_gamma), f"simpo_gamma={self.simpo_gamma} must be finite")
+        require(
             self.use_lora or not (self.quantize_base or self.use_dora),
             "quantize_base and use_dora are LoRA settings; set use_lora=true or unset them",
         )
-        _require(
+        require(
             not (self.precompute_reference_logps and self.loss_type in REFERENCE_FREE),
             f"loss_type={self.loss_type} uses no reference; unset precompute_reference_logps",
         )
@@ -450,16 +318,16 @@ class DummyParams(ParamsIO):
     dtype: Dtype = param("fp32", "kept for start_run; the dummy has no weights")
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
+        check_field_types(self)
         for name in ("epochs", "batch_size", "log_every_n_steps"):
-            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         for name in ("max_steps_per_epoch", "save_every_n_steps"):
             value = getattr(self, name)
-            _require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
-        _require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
-        _require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
-        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
+            require(value is None or value >= 1, f"{name}={value} must be at least 1 (or none)")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr={self.lr} must be positive and finite")
+        require(self.step_time_s >= 0, f"step_time_s={self.step_time_s} must be 0 or more")
+        require(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be positive")
+        require(bool(self.output_dir.strip()), "output_dir must not be empty")
         self.resume_from_checkpoint = checked_resume_from(self.resume_from_checkpoint, resolve_path(self.output_dir))
 
     @property
@@ -470,7 +338,7 @@ class DummyParams(ParamsIO):
     def ignored_keys(cls) -> set[str]:
         """Keys of the fine-tuning configs the dummy reads and drops, so `tune dummy --config X` tries
         the pipeline of X's job; any other unknown key (a typo) is still an error."""
-        return (_field_names(FullFinetuneParams) | _field_names(LoraFinetuneParams)) - _field_names(cls)
+        return (field_names(FullFinetuneParams) | field_names(LoraFinetuneParams)) - field_names(cls)
 
 
 @dataclass
@@ -507,13 +375,13 @@ class GenerateParams(ParamsIO):
     )
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
-        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(
+        check_field_types(self)
+        check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        require(
             self.checkpoint_dir is not None,
             "checkpoint_dir is required; set it to the directory with the model weights",
         )
-        _require(
+        require(
             (self.prompt is None) != (self.prompt_file is None),
             "set exactly one of prompt and prompt_file"
             + (
@@ -522,19 +390,19 @@ class GenerateParams(ParamsIO):
                 else ", e.g. prompt='Tell me a joke'"
             ),
         )
-        _require(self.prompt_file is None or bool(self.prompt_file.strip()), "prompt_file must not be empty")
-        _require(
+        require(self.prompt_file is None or bool(self.prompt_file.strip()), "prompt_file must not be empty")
+        require(
             self.system_prompt is None or self.chat,
             "system_prompt is only used in the chat format; set chat=true or remove system_prompt",
         )
         if self.template != "none" and not self.chat:
             get_template(self.template)
-        _require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-        _require(self.temperature >= 0, f"temperature={self.temperature} must be 0 (greedy) or positive")
-        _require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1 (or none)")
-        _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)")
-        _require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")
+        require(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        require(self.temperature >= 0, f"temperature={self.temperature} must be 0 (greedy) or positive")
+        require(self.top_k is None or self.top_k >= 1, f"top_k={self.top_k} must be at least 1 (or none)")
+        require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] (or none)")
+        require(all(self.stop_strings), "stop_strings holds an empty string, which would stop at once; remove it")
 
 
 QuantizeScheme = Literal[SCHEMES]  # type: ignore[valid-type]
@@ -576,31 +444,31 @@ class QuantizeParams(ParamsIO):
     output_dir: str = param("output/quantized", "where the quantized checkpoint directory is written")
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
-        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(
+        check_field_types(self)
+        check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        require(
             self.checkpoint_dir is not None,
             "checkpoint_dir is required; set it to the directory with the model weights",
         )
-        _check_choice("group_size", self.group_size, GROUP_SIZES)
-        _require(
+        check_choice("group_size", self.group_size, GROUP_SIZES)
+        require(
             self.scheme != "gptq_int4" or self.calibration_dataset is not None,
             "scheme=gptq_int4 calibrates on your data: set calibration_dataset (e.g. your training file)",
         )
         for name in ("calibration_samples", "max_seq_len", "batch_size"):
-            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        _require(
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        require(
             self.eval_max_samples is None or self.eval_max_samples >= 1,
             f"eval_max_samples={self.eval_max_samples} must be at least 1 (or none)",
         )
         if self.dataset_type == "instruct":
             get_template(self.template)
-        _require(bool(self.output_dir.strip()), "output_dir must not be empty")
-        _require(
+        require(bool(self.output_dir.strip()), "output_dir must not be empty")
+        require(
             resolve_path(self.output_dir).resolve() != resolve_path(self.checkpoint_dir).resolve(),  # type: ignore[arg-type]
             "output_dir is checkpoint_dir: the quantized model would replace the original; choose another output_dir",
         )
-        _require(
+        require(
             resolve_path(self.checkpoint_dir).resolve() not in resolve_path(self.output_dir).resolve().parents,  # type: ignore[arg-type]
             f"output_dir {self.output_dir} is inside checkpoint_dir={self.checkpoint_dir}: the quantized model would "
             "be written among the original's files; choose an output_dir outside it",
@@ -635,25 +503,23 @@ class EvalParams(ParamsIO):
     )
 
     def __post_init__(self) -> None:
-        _check_field_types(self)
-        _check_choice("model", self.model, (*MODEL_NAMES, "auto"))
-        _require(
+        check_field_types(self)
+        check_choice("model", self.model, (*MODEL_NAMES, "auto"))
+        require(
             self.checkpoint_dir is not None,
             "checkpoint_dir is required; set it to the directory with the model weights",
         )
-        _require(bool(self.tasks), "tasks is empty; name at least one task, e.g. tasks=[hellaswag]")
-        _require(all(t.strip() for t in self.tasks), "tasks holds an empty name; remove it")
-        _require(
-            self.limit is None or self.limit > 0, f"limit={self.limit} must be positive (or none for all examples)"
-        )
-        _require(
+        require(bool(self.tasks), "tasks is empty; name at least one task, e.g. tasks=[hellaswag]")
+        require(all(t.strip() for t in self.tasks), "tasks holds an empty name; remove it")
+        require(self.limit is None or self.limit > 0, f"limit={self.limit} must be positive (or none for all examples)")
+        require(
             self.num_fewshot is None or self.num_fewshot >= 0,
             f"num_fewshot={self.num_fewshot} must be 0 or more (or none)",
         )
-        _require(self.max_gen_toks >= 1, f"max_gen_toks={self.max_gen_toks} must be at least 1")
-        _require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
-        _require(
+        require(self.max_gen_toks >= 1, f"max_gen_toks={self.max_gen_toks} must be at least 1")
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        require(
             self.max_seq_len is None or self.max_seq_len >= 2,
             f"max_seq_len={self.max_seq_len} must be at least 2 (or none)",
         )
-        _require(self.output_path is None or bool(self.output_path.strip()), "output_path must not be empty (or none)")
+        require(self.output_path is None or bool(self.output_path.strip()), "output_path must not be empty (or none)")

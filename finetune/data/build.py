@@ -7,8 +7,9 @@ processes, and memory holds a few chunks rather than the dataset.
 
 A single JSON Lines file is cut into byte ranges that each worker reads and parses itself:
 no record crosses a process boundary, and a run holds no record of the file in the parent.
-Every other source (other file types, dataset folders, Hub datasets) is loaded as today
-and its records are tokenized in ranges by the workers.
+Hub datasets and `save_to_disk` folders are Arrow tables memory-mapped by `datasets`: each
+worker converts only its own rows. Every other source (other file types, dataset folders)
+is loaded into memory and its records are tokenized in ranges by the workers.
 """
 
 import ctypes
@@ -26,13 +27,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from finetune.data.sources import (
+    FILE_SUFFIXES,
     Records,
     check_file_split,
+    hub_dataset,
+    is_saved_dataset,
     jsonl_items,
     load_records,
     no_records,
     parse_split,
+    refuse_subset,
     rename_columns,
+    saved_dataset,
     slice_range,
 )
 from finetune.data.tokenize import TokenizeSpec, TokenizeStats, tokenize_record
@@ -76,6 +82,7 @@ class _Job:
     name: str = ""
     path: Optional[Path] = None  # a JSON Lines file read by byte ranges
     records: Optional[Records] = None  # loaded records read by index ranges
+    table: Any = None  # a `datasets.Dataset` read by row ranges
 
 
 @dataclass(frozen=True)
@@ -134,12 +141,42 @@ def write_samples(
         if not built.stats.records:
             raise no_records(source, split, split_key)
         return built
+    unit = "doc" if spec.dataset_type == "text" else "record"
+    table = _arrow_table(source, split, subset, split_key)
+    if table is not None:
+        start, stop = table.window
+        job = _Job(tokenizer, spec, column_map, name=table.name, table=table.rows)
+        ranges = [(i, min(i + CHUNK_RECORDS, stop)) for i in range(start, stop, CHUNK_RECORDS)]
+        if not ranges:
+            raise no_records(source, split, split_key)
+        with _shared(job), _workers(num_proc, len(ranges)) as run:
+            return _write(folder, run(_tokenize_rows, ranges), job.name, stop - start, unit, show_progress)
     records = load_records(source, split=split, split_key=split_key, column_map=column_map, subset=subset)
     job = _Job(tokenizer, spec, None, name=records.source, records=records)
     ranges = [(start, min(start + CHUNK_RECORDS, len(records))) for start in range(0, len(records), CHUNK_RECORDS)]
     with _shared(job), _workers(num_proc, len(ranges)) as run:
-        unit = "doc" if spec.dataset_type == "text" else "record"
         return _write(folder, run(_tokenize_records, ranges), job.name, len(records), unit, show_progress)
+
+
+@dataclass
+class _ArrowTable:
+    name: str  # as messages name the source
+    rows: Any  # datasets.Dataset
+    window: tuple[int, int]  # the rows the split keeps
+
+
+def _arrow_table(source: str, split: str, subset: Optional[str], split_key: str) -> Optional[_ArrowTable]:
+    """A Hub dataset's or `save_to_disk` folder's table (None for other sources)."""
+    path = Path(source).expanduser()
+    if path.is_dir() and is_saved_dataset(path):
+        refuse_subset(subset, f"{path}, a dataset saved with save_to_disk")
+        name, bounds = parse_split(split, split_key)
+        rows = saved_dataset(path, name, split_key)
+        return _ArrowTable(str(path), rows, slice_range(bounds, len(rows), f"{split_key} '{split}'", str(path)))
+    if path.exists() or path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        return None
+    rows = hub_dataset(source, split, subset, split_key)  # datasets slices the split itself
+    return _ArrowTable(source, rows, (0, len(rows)))
 
 
 def _write(folder: Path, pieces: Iterator[Piece], name: str, total: int, unit: str, show_progress: bool) -> Built:
@@ -183,13 +220,21 @@ def _workers(num_proc: int, tasks: int) -> Iterator[Callable[[Callable, list], I
     if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield lambda fn, items: map(fn, items)
         return
-    with multiprocessing.get_context("fork").Pool(processes, initializer=_die_with_parent) as pool:
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_worker_signals) as pool:
         yield lambda fn, items: pool.imap(fn, items)
 
 
-def _die_with_parent() -> None:
-    """A killed build must not leave workers behind: they would hold the cache entry's lock
-    (inherited with the parent's files) and keep the next run waiting."""
+def _worker_signals() -> None:
+    """Signals in a build worker: SIGTERM kills it, SIGINT is the parent's to handle, and the
+    worker dies with its parent.
+
+    A forked worker inherits the run's Python SIGTERM handler, which raises an exception the
+    pool catches between tasks; the worker then lives on, waiting for a task that never comes,
+    and the pool's exit (which ends its workers with SIGTERM) waits for it forever. A worker
+    left behind by a killed build would also hold the cache entry's lock (inherited with the
+    parent's files) and keep the next run waiting."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the pool
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -267,6 +312,19 @@ def _tokenize_bytes(task: _ByteTask) -> Piece:
 def _tokenize_records(index_range: tuple[int, int]) -> Piece:
     assert _JOB is not None and _JOB.records is not None
     return _tokenize(_JOB.records, range(*index_range), index_range[1] - index_range[0])
+
+
+def _tokenize_rows(index_range: tuple[int, int]) -> Piece:
+    """Convert and tokenize rows [start, stop) of the Arrow table."""
+    job = _JOB
+    assert job is not None and job.table is not None
+    start, stop = index_range
+    columns = job.table[start:stop]
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    records = Records(rows, source=job.name, first=start)
+    if job.column_map:
+        records = rename_columns(records, job.column_map)
+    return _tokenize(records, range(len(records)), stop - start)
 
 
 def _tokenize(records: Records, indices: range, size: int) -> Piece:

@@ -32,20 +32,23 @@ _SPLIT_RE = re.compile(r"^(\w[\w.-]*)(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?$
 class Records(list):
     """Records of one source, plus what is needed to name any one of them in a message."""
 
-    def __init__(self, items: Iterable[dict], *, source: str, lines: Optional[list[int]] = None) -> None:
+    def __init__(
+        self, items: Iterable[dict], *, source: str, lines: Optional[list[int]] = None, first: int = 0
+    ) -> None:
         super().__init__(items)
         self.source = source
         self.lines = lines  # line of each record in its file, when the format has lines
+        self.first = first  # index in the source of the first record, when read in parts
 
     def where(self, index: int) -> str:
         """'<file> line N' or '<source> record N' (1-based) for the record at `index`."""
         if self.lines is not None:
             return f"{self.source} line {self.lines[index]}"
-        return f"{self.source} record {index + 1}"
+        return f"{self.source} record {self.first + index + 1}"
 
     def select(self, start: int, stop: int) -> "Records":
         lines = None if self.lines is None else self.lines[start:stop]
-        return Records(self[start:stop], source=self.source, lines=lines)
+        return Records(self[start:stop], source=self.source, lines=lines, first=self.first + start)
 
 
 def load_records(
@@ -86,7 +89,7 @@ def load_records(
 
 def check_file_split(source: str, split: str, subset: Optional[str], split_key: str) -> None:
     """A single file is one 'train' split without subsets."""
-    _refuse_subset(subset or None, f"{source}, a single file")
+    refuse_subset(subset or None, f"{source}, a single file")
     if canonical_split(parse_split(split, split_key)[0]) != "train":
         raise UserError(
             f"{split_key} '{split}' asked of the file {source}, which is a single 'train' "
@@ -164,7 +167,7 @@ def rename_columns(records: Records, column_map: dict[str, str]) -> Records:
                 )
             new[expected] = record[actual]
         out.append(new)
-    return Records(out, source=records.source, lines=records.lines)
+    return Records(out, source=records.source, lines=records.lines, first=records.first)
 
 
 def read_file(path: Path) -> Records:
@@ -300,9 +303,9 @@ def _read_parquet(path: Path) -> Records:
 
 def _read_folder(path: Path, split: str, subset: Optional[str], split_key: str) -> Records:
     """A `save_to_disk` folder, or a folder of data files read like a Hub dataset repository."""
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-        _refuse_subset(subset, f"{path}, a dataset saved with save_to_disk")
-        return _read_saved(path, split, split_key)
+    if is_saved_dataset(path):
+        refuse_subset(subset, f"{path}, a dataset saved with save_to_disk")
+        return Records(saved_dataset(path, split, split_key).to_list(), source=str(path))
     files = split_files(path, split, subset=subset, split_key=split_key, suffixes=FILE_SUFFIXES)
     records, lines = [], []
     all_lines = True
@@ -316,7 +319,7 @@ def _read_folder(path: Path, split: str, subset: Optional[str], split_key: str) 
     return Records(records, source=f"{path} ({subset + ', ' if subset else ''}{split})")
 
 
-def _refuse_subset(subset: Optional[str], what: str) -> None:
+def refuse_subset(subset: Optional[str], what: str) -> None:
     if subset is not None:
         raise UserError(
             f"dataset_subset={subset} was given for {what}; dataset_subset only applies to Hub "
@@ -332,7 +335,13 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _read_saved(path: Path, split: str, split_key: str) -> Records:
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `save_to_disk` (rather than a folder of data files)."""
+    return (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+
+
+def saved_dataset(path: Path, split: str, split_key: str) -> Any:
+    """The `datasets.Dataset` of a `save_to_disk` folder's split (memory-mapped, not read)."""
     datasets = _import_datasets()
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -349,26 +358,31 @@ def _read_saved(path: Path, split: str, split_key: str) -> Records:
         loaded = loaded[split]
     elif canonical_split(split) != "train":
         raise UserError(f"saved dataset {path} is a single split, asked for '{split}'; use {split_key}='train'")
-    return Records(loaded.to_list(), source=str(path))
+    return loaded
 
 
 def _read_hub(name: str, split: str, subset: Optional[str], split_key: str) -> Records:
     return Records(hub_dataset(name, split, subset, split_key).to_list(), source=name)
 
 
-def hub_dataset(name: str, split: str, subset: Optional[str], split_key: str) -> Any:
+def hub_dataset(name: str, split: str, subset: Optional[str], split_key: str, *, streaming: bool = False) -> Any:
     """The `datasets.Dataset` of a Hub dataset's split (downloaded once, then read from
-    datasets' own cache)."""
+    datasets' own cache), or with `streaming` its `IterableDataset` (read over the network in
+    order, nothing downloaded ahead)."""
     datasets = _import_datasets()
     try:
-        return datasets.load_dataset(name, subset, split=split) if subset else datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, *([subset] if subset else []), split=split, streaming=streaming)
     except Exception as e:  # network, missing name, bad split or subset: all fixable by the user
-        which = f" subset '{subset}'" if subset else ""
-        raise UserError(
-            f"cannot load dataset '{name}'{which} {split_key} '{split}' from the Hugging Face Hub "
-            f"({_first_line(e)}); check the name, subset (dataset_subset) and {split_key}, "
-            "or point to a local file"
-        ) from None
+        raise hub_error(e, name, split, subset, split_key) from None
+
+
+def hub_error(error: BaseException, name: str, split: str, subset: Optional[str], split_key: str) -> UserError:
+    which = f" subset '{subset}'" if subset else ""
+    return UserError(
+        f"cannot load dataset '{name}'{which} {split_key} '{split}' from the Hugging Face Hub "
+        f"({_first_line(error)}); check the name, subset (dataset_subset) and {split_key}, "
+        "or point to a local file"
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -100,10 +100,10 @@ def build_data(
 def build_stream(
     params: FullFinetuneParams, tokenizer: Tokenizer, dist: DistInfo, log: Callable[[str], None]
 ) -> tuple[torch.utils.data.DataLoader, StreamedSamples]:
-    """A loader over the training file read in order while training (data_streaming); the stream
+    """A loader over the training data read in order while training (data_streaming); the stream
     is also the sampler the loop steers."""
     if params.shuffle and dist.rank == 0:
-        log("note: data_streaming reads the data in file order; shuffle does not apply")
+        log("note: data_streaming reads the data in its order; shuffle does not apply")
     if params.num_workers:
         raise UserError("data_streaming=true tokenizes in the training process; set num_workers=0")
     stream = streamed_samples(
@@ -117,6 +117,7 @@ def build_stream(
         tokenizer=tokenizer,
         column_map=params.column_map,
         split=params.split,
+        subset=params.dataset_subset,
         split_key="split",
         rank=dist.rank,
         world_size=dist.world_size,

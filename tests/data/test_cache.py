@@ -19,6 +19,7 @@ from finetune.data import build as data_build
 from finetune.data.demo import demo_path
 from finetune.data.sampler import ResumableDistributedSampler
 from finetune.tokenizers import Tokenizer, load_tokenizer
+from finetune.training.guards import preempt_on_sigterm
 from tests.data.helpers import user_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -231,6 +232,22 @@ build.CHUNK_BYTES = 4096
 build_dataset(sys.argv[1], dataset_type="instruct", tokenizer=load_tokenizer(sys.argv[2]), max_seq_len=64,
               cache_dir=sys.argv[3], num_proc=2)
 """
+
+
+def _signal_handlers(_: int) -> tuple:
+    return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+
+def test_build_workers_die_on_sigterm_whatever_handler_the_run_set():
+    """A run's SIGTERM handler raises an exception the worker pool catches between tasks: a worker
+    that kept it would outlive the pool's SIGTERM and the build would wait for it forever."""
+    restore = preempt_on_sigterm()
+    try:
+        with data_build._workers(2, 4) as run:
+            handlers = set(run(_signal_handlers, range(4)))
+    finally:
+        restore()
+    assert handlers == {(signal.SIG_DFL, signal.SIG_IGN)}
 
 
 def test_a_build_killed_half_way_leaves_nothing_trusted(tmp_path, sp_tokenizer):

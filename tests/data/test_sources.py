@@ -133,34 +133,6 @@ def test_column_map_can_swap_columns(tmp_path: Path) -> None:
     assert records == [{"input": "y", "output": "x"}]
 
 
-def test_hf_hub_name_that_cannot_load_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    datasets = pytest.importorskip("datasets")
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise ConnectionError("Couldn't reach 'someone/nothing' on the Hub (LocalEntryNotFoundError)")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    assert user_error(load_records, "someone/nothing", split="train[:10%]") == (
-        "cannot load dataset 'someone/nothing' split 'train[:10%]' from the Hugging Face Hub "
-        "(Couldn't reach 'someone/nothing' on the Hub (LocalEntryNotFoundError)); check the "
-        "name, subset (dataset_subset) and split, or point to a local file"
-    )
-
-
-def test_hf_hub_name_is_passed_to_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
-    datasets = pytest.importorskip("datasets")
-    calls = []
-
-    def fake_load(name: str, *subset: str, split: str) -> object:
-        calls.append((name, *subset, split))
-        return datasets.Dataset.from_list(ALPACA_RECORDS)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    assert load_records("tatsu-lab/alpaca", split="train[:5%]") == ALPACA_RECORDS
-    assert load_records("openai/gsm8k", split="test", subset="main") == ALPACA_RECORDS
-    assert calls == [("tatsu-lab/alpaca", "train[:5%]"), ("openai/gsm8k", "main", "test")]
-
-
 def test_hf_source_without_datasets_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     (tmp_path / "state.json").write_text("{}")

@@ -2,8 +2,6 @@
 continue where the last stopped and wrap at the end of the file, a resumed epoch skips exactly
 what was trained on, and bad records name their file and line."""
 
-import json
-
 import pytest
 
 from finetune.data import ResumableDistributedSampler, build_dataset
@@ -69,12 +67,46 @@ def test_bad_records_name_their_file_and_line(tmp_path, sp_tokenizer):
     assert message == reading and "line 7" in message
 
 
-def test_only_a_whole_jsonl_file_streams(tmp_path, sp_tokenizer):
+def test_folders_parquet_and_saved_datasets_stream_in_the_order_they_load(tmp_path, sp_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    everything = records(40)
+    folder = tmp_path / "folder"
+    (folder / "data").mkdir(parents=True)
+    write_jsonl(folder / "data" / "train-00000-of-00002.jsonl", everything[:25])
+    datasets.Dataset.from_list(everything[25:]).to_parquet(str(folder / "data" / "train-00001-of-00002.parquet"))
+    write_jsonl(folder / "data" / "test-00000-of-00001.jsonl", records(3))
+    parquet = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(everything).to_parquet(str(parquet))
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(everything).save_to_disk(str(saved))
+    for source in (folder, parquet, saved):
+        loaded = build_dataset(str(source), dataset_type="instruct", tokenizer=sp_tokenizer, max_seq_len=64)
+        expected = [loaded[i] for i in range(len(loaded))]
+        assert len(expected) == 40
+        assert list(stream(source, sp_tokenizer, num_samples=40)) == expected, source
+        samples = stream(source, sp_tokenizer, rank=1, world_size=2, num_samples=15)
+        samples.set_epoch(1)  # past the end: samples 30-39 and again from the start
+        assert list(samples) == (expected + expected)[31:61:2], source
+
+
+def test_a_parquet_record_is_named_by_its_number(tmp_path, sp_tokenizer):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list(
+        [{"instruction": "x", "output": "y"}] * 1500 + [{"instruction": "x", "output": None}]
+    ).to_parquet(str(path))
+    message = user_error(list, stream(path, sp_tokenizer, num_samples=1600))
+    reading = user_error(build_dataset, str(path), dataset_type="instruct", tokenizer=sp_tokenizer, max_seq_len=64)
+    assert message == reading and f"{path} record 1501" in message
+
+
+def test_a_stream_reads_whole_splits_of_supported_sources(tmp_path, sp_tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", records(5))
-    other = tmp_path / "train.json"
-    other.write_text(json.dumps(records(5)))
-    assert "data_streaming reads a local .jsonl file" in user_error(stream, other, sp_tokenizer)
     assert "cannot slice it (split=train[:50%])" in user_error(stream, path, sp_tokenizer, split="train[:50%]")
+    other = tmp_path / "train.xml"
+    other.write_text("<x/>")
+    assert "unsupported type '.xml'" in user_error(stream, other, sp_tokenizer)
+    assert "does not exist" in user_error(stream, tmp_path / "missing.jsonl", sp_tokenizer)
 
 
 def test_streaming_needs_max_steps_per_epoch_and_unpacked_data():

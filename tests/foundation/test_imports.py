@@ -164,7 +164,9 @@ def test_no_import_cycles_among_finetune_modules():
 def test_the_config_layer_and_the_recipes_never_import_the_launcher():
     graph = dependencies(all_modules())
     for name, deps in graph.items():
-        if name == "finetune.params" or name.startswith(("finetune.config", "finetune.recipes")):
+        if name in ("finetune.params", "finetune.param_fields") or name.startswith(
+            ("finetune.config", "finetune.recipes")
+        ):
             assert not {d for d in deps if d == "finetune.cli" or d.startswith("finetune.cli.")}, name
 
 
