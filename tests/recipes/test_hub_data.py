@@ -64,6 +64,7 @@ def dataset_line(log: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_hub_dataset_is_cached_once_and_trains_like_its_file(tmp_path, hub):
     server, data_file = hub
     cache = tmp_path / "cache"
