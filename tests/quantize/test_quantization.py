@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune import ao
 from finetune.checkpointing import load_model
@@ -16,18 +17,19 @@ from finetune.checkpointing.quantized import (
     unpack_int4,
     weights_size,
 )
-from finetune.data import build_dataset
+from finetune.data import IGNORE_INDEX, build_dataset, collate
 from finetune.evaluation.perplexity import perplexity
 from finetune.models import ModelArgs, build_model
 from finetune.models.generation import generate
 from finetune.quantization import gptq_int4_weight, quantize_model
 from tests.quantize.conftest import ARGS, TRAIN, heldout_samples
 
-# How far held-out perplexity may rise, and why. Rounding a weight to a grid of step s adds
+# How far held-out perplexity may move, and why. Rounding a weight to a grid of step s adds
 # noise of about s/sqrt(12): per-row int8 (255 steps over the row's range) perturbs weights by
 # ~0.1% of their range, int4 (15 steps over a group of 32) by ~2%. On this model (perplexity
-# ~8, uniform would be 512) that measures +0.01% for int8 and +0.6% for int4; the bounds leave
-# room for other platforms' rounding, and a broken scale or layout moves perplexity by far more.
+# ~11, uniform would be 512) that moved perplexity by 0.1% for int8 and 0.5-0.6% for int4 (on
+# one AMD EPYC, where it went down; other CPUs' rounding gives other signs). The bounds leave
+# room for that, and a broken scale or layout moves perplexity by far more.
 PERPLEXITY_BOUND = {
     "int8_weight_only": 0.005,
     "int8_dynamic": 0.01,  # activations are rounded to int8 per token as well
@@ -86,13 +88,28 @@ def test_every_linear_is_quantized_and_perplexity_stays_close(scheme, quantized,
     assert abs(after / before - 1) < PERPLEXITY_BOUND[scheme], (before, after)
 
 
-def test_gptq_keeps_perplexity_closer_than_rounding(quantized, fp32_model, heldout, tokenizer):
+def mean_kl_to(reference: torch.nn.Module, model: torch.nn.Module, samples, pad_id: int) -> float:
+    """Mean KL divergence of `model`'s next-token distributions from `reference`'s over the
+    samples' trained positions."""
+    batch = collate(samples, pad_id=pad_id)
+    trained = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        ref = F.log_softmax(reference(batch["tokens"]), dim=-1)[trained]
+        out = F.log_softmax(model(batch["tokens"]), dim=-1)[trained]
+    return (ref.exp() * (ref - out)).sum(-1).mean().item()
+
+
+def test_gptq_stays_closer_to_the_model_than_rounding(quantized, fp32_model, heldout, tokenizer):
     """Same int4 grid and group size; GPTQ calibrated on 128 training prompts (the usual
-    calibration size) changes held-out perplexity less than round-to-nearest."""
-    base, _ = perplexity(fp32_model, heldout, batch_size=16, pad_id=tokenizer.pad_id)
-    rtn, _ = perplexity(quantized["int4_weight_only"], heldout, batch_size=16, pad_id=tokenizer.pad_id)
-    gptq, _ = perplexity(quantized["gptq_int4"], heldout, batch_size=16, pad_id=tokenizer.pad_id)
-    assert abs(gptq - base) < abs(rtn - base)
+    calibration size) moves the held-out predictions less than round-to-nearest does.
+
+    Measured as KL from the fp32 model's predictions (what GPTQ minimises, layer by layer)
+    rather than as a perplexity difference: int4 noise can lower this small model's held-out
+    perplexity as well as raise it, so which scheme lands nearer the fp32 perplexity depends on
+    the CPU's rounding. The KL here was 0.0032 for rounding and 0.0012 for GPTQ (2.7x)."""
+    rtn = mean_kl_to(fp32_model, quantized["int4_weight_only"], heldout, tokenizer.pad_id)
+    gptq = mean_kl_to(fp32_model, quantized["gptq_int4"], heldout, tokenizer.pad_id)
+    assert 0 < gptq < rtn / 1.5, (gptq, rtn)
 
 
 @pytest.mark.parametrize("scheme", CPU_SCHEMES)
