@@ -1,9 +1,10 @@
 """Tokenizing a dataset into flat arrays on disk, in parallel over chunks of its source.
 
 The source is cut into chunks that worker processes tokenize independently; their pieces
-come back in source order and are appended to `tokens.bin` and `labels.bin` (int32) as
-they arrive, so the samples are the same, in the same order, whatever the number of
-processes, and memory holds a few chunks rather than the dataset.
+come back in source order and are appended to `tokens.bin` (int32) and `trained.bin` (a
+byte a token: whether it has a target; finetune/data/labels.py) as they arrive, so the
+samples are the same, in the same order, whatever the number of processes, and memory
+holds a few chunks rather than the dataset.
 
 A single JSON Lines file is cut into byte ranges that each worker reads and parses itself:
 no record crosses a process boundary, and a run holds no record of the file in the parent.
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from finetune.data.labels import trained_flags
 from finetune.data.sources import (
     FILE_SUFFIXES,
     Records,
@@ -55,7 +57,7 @@ class Piece:
     """What one chunk tokenized to."""
 
     tokens: np.ndarray
-    labels: np.ndarray
+    trained: np.ndarray  # uint8 per token: 1 where its label is the next token
     lengths: np.ndarray  # tokens of each sample
     stats: TokenizeStats
     size: int  # bytes or records of the source it covered, for the progress bar
@@ -119,7 +121,7 @@ def write_samples(
     num_proc: int,
     show_progress: bool,
 ) -> Built:
-    """Tokenize `source` into `folder`/tokens.bin and labels.bin with `num_proc` processes."""
+    """Tokenize `source` into `folder`/tokens.bin and trained.bin with `num_proc` processes."""
     num_proc = num_proc or default_num_proc()
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
@@ -180,16 +182,16 @@ def _arrow_table(source: str, split: str, subset: Optional[str], split_key: str)
 
 
 def _write(folder: Path, pieces: Iterator[Piece], name: str, total: int, unit: str, show_progress: bool) -> Built:
-    """Append each piece to tokens.bin and labels.bin, and where each sample ends to offsets.bin
+    """Append each piece to tokens.bin and trained.bin, and where each sample ends to offsets.bin
     (nothing per sample stays in memory: at 4M samples an index is 32 MB a copy)."""
     stats, num_samples, num_tokens = TokenizeStats(), 0, 0
     progress = tqdm(total=total, desc="tokenizing", unit=unit, unit_scale=unit == "B", disable=not show_progress)
-    files = {name: open(folder / f"{name}.bin", "wb") for name in ("tokens", "labels", "offsets")}
+    files = {name: open(folder / f"{name}.bin", "wb") for name in ("tokens", "trained", "offsets")}
     try:
         np.zeros(1, np.int64).tofile(files["offsets"])
         for piece in pieces:
             piece.tokens.tofile(files["tokens"])
-            piece.labels.tofile(files["labels"])
+            piece.trained.tofile(files["trained"])
             (np.cumsum(piece.lengths) + num_tokens).tofile(files["offsets"])
             num_samples += len(piece.lengths)
             num_tokens += len(piece.tokens)
@@ -338,10 +340,7 @@ def _tokenize(records: Records, indices: range, size: int) -> Piece:
             tokens.extend(sample_tokens)
             labels.extend(sample_labels)
             lengths.append(len(sample_tokens))
-    return Piece(
-        np.frombuffer(tokens, dtype=TOKEN_DTYPE) if tokens else np.zeros(0, TOKEN_DTYPE),
-        np.frombuffer(labels, dtype=TOKEN_DTYPE) if labels else np.zeros(0, TOKEN_DTYPE),
-        np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, np.int64),
-        stats,
-        size,
-    )
+    token_array = np.frombuffer(tokens, dtype=TOKEN_DTYPE) if tokens else np.zeros(0, TOKEN_DTYPE)
+    length_array = np.frombuffer(lengths, dtype=np.int64) if lengths else np.zeros(0, np.int64)
+    label_array = np.frombuffer(labels, dtype=TOKEN_DTYPE) if labels else np.zeros(0, TOKEN_DTYPE)
+    return Piece(token_array, trained_flags(token_array, label_array, length_array), length_array, stats, size)

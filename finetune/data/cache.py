@@ -13,7 +13,8 @@ others wait for it (on a node: local rank 0 takes the lock first), then every pr
 maps the same files: pages are shared through the page cache instead of each rank
 holding its own copy of the data.
 
-Files of an entry: `tokens.bin`, `labels.bin` (int32, samples end to end), `offsets.bin`
+Files of an entry: `tokens.bin` (int32, samples end to end), `trained.bin` (a byte a token:
+whether its label is the next token; the labels are rebuilt from it), `offsets.bin`
 (int64, where each sample starts, plus the end), `rows.bin` (int64, packed data only:
 the first sample of each row, plus the sample count) and `meta.json` (counts, and the
 lines the run logs, replayed unchanged on reuse).
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from finetune.data.build import TOKEN_DTYPE, default_num_proc, write_samples
-from finetune.data.labels import IGNORE_INDEX
+from finetune.data.labels import IGNORE_INDEX, labels_from_flags
 from finetune.data.packing import greedy_rows, packing_message
 from finetune.data.reporting import LogFn, is_rank_zero, rank_zero_log
 from finetune.data.sources import FILE_SUFFIXES, hub_dataset
@@ -44,7 +45,7 @@ from finetune.data.tokenize import TokenizeSpec, summary
 from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: labels kept as trained.bin flags
 COMPLETE = "complete"
 _SAMPLE_BLOCK = 1 << 18  # bytes per sampled block of a data file
 _SAMPLE_BLOCKS = 16
@@ -83,7 +84,7 @@ class CachedSamples(Dataset):
 
     def _open(self) -> None:
         self._tokens = np.memmap(self.folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r")
-        self._labels = np.memmap(self.folder / "labels.bin", dtype=TOKEN_DTYPE, mode="r")
+        self._trained = np.memmap(self.folder / "trained.bin", dtype=np.uint8, mode="r")
         self._offsets = np.memmap(self.folder / "offsets.bin", dtype=np.int64, mode="r")
 
     # DataLoader workers get the folder and map it again, rather than a pickled copy of the data.
@@ -101,8 +102,8 @@ class CachedSamples(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} samples")
         index %= len(self)
-        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
-        return {"tokens": self._tokens[start:end].tolist(), "labels": self._labels[start:end].tolist()}
+        tokens, labels, _ = self.span(index, index + 1)
+        return {"tokens": tokens.tolist(), "labels": labels.tolist()}
 
     def sample_len(self, index: int) -> int:
         return int(self._offsets[index + 1] - self._offsets[index])
@@ -111,7 +112,8 @@ class CachedSamples(Dataset):
         """Tokens, labels and per-sample lengths of samples [first, stop), end to end."""
         offsets = np.asarray(self._offsets[first : stop + 1])
         start, end = int(offsets[0]), int(offsets[-1])
-        return self._tokens[start:end], self._labels[start:end], np.diff(offsets)
+        tokens = self._tokens[start:end]
+        return tokens, labels_from_flags(tokens, self._trained[start:end]), np.diff(offsets)
 
     @property
     def num_tokens(self) -> int:

@@ -4,9 +4,15 @@ Labels are stored already shifted by one: `labels[i]` is the target of the predi
 made at position i, which is `tokens[i + 1]` when that token is trained on. Shifting once
 here keeps the loss a plain cross entropy and lets packing concatenate samples without a
 document's last prediction reaching into the next document.
+
+Because every label is either the next token or the ignore index, the data cache keeps one
+byte a token (`trained_flags`) instead of a second int32 array, and `labels_from_flags`
+gives the labels back.
 """
 
 from typing import Optional, Sequence
+
+import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -46,3 +52,24 @@ def truncate(
 def has_targets(labels: Sequence[int]) -> bool:
     """Whether a sample contributes anything to the loss."""
     return any(label != IGNORE_INDEX for label in labels)
+
+
+def labels_from_flags(tokens: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """The shifted labels of whole samples laid end to end, from their tokens and flags
+    (`trained[i]` nonzero: the label at i is `tokens[i + 1]`). A sample's last position never
+    has a target, so no label reaches past the samples given."""
+    labels = np.full(len(tokens), IGNORE_INDEX, dtype=tokens.dtype)
+    if len(tokens) > 1:
+        np.copyto(labels[:-1], tokens[1:], where=trained[:-1].astype(bool))
+    return labels
+
+
+def trained_flags(tokens: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """One byte a token saying whether it has a target: what `labels_from_flags` turns back
+    into exactly these labels, for any span of whole samples. Raises if the labels are not
+    the samples' shifted tokens."""
+    trained = (labels != IGNORE_INDEX).astype(np.uint8)
+    sample_ends = np.cumsum(lengths) - 1
+    if trained[sample_ends].any() or not np.array_equal(labels_from_flags(tokens, trained), labels):
+        raise ValueError("labels are not the shifted tokens of their samples")
+    return trained

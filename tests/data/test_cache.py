@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as torch_mp
 
-from finetune.data import InstructTemplate, build_dataloader, build_dataset, collate
+from finetune.data import IGNORE_INDEX, InstructTemplate, build_dataloader, build_dataset, collate
 from finetune.data import build as data_build
 from finetune.data.demo import demo_path
 from finetune.data.sampler import ResumableDistributedSampler
@@ -128,6 +128,17 @@ def test_cached_samples_and_messages_equal_tokenizing_in_memory(tmp_path, sp_tok
     )
     assert not again.built_here
     assert_same_samples(memory, again)
+
+
+def test_an_entry_keeps_five_bytes_a_token(tmp_path, sp_tokenizer):
+    """int32 tokens and one byte of loss flag each: the labels are rebuilt, not stored again."""
+    source = demo_lines(tmp_path / "train.jsonl", 600)
+    memory, _, cached, _ = both(source, sp_tokenizer, tmp_path / "cache", train_on_input=False)
+    assert_same_samples(memory, cached)
+    masked = sum(label == IGNORE_INDEX for i in range(len(memory)) for label in memory[i]["labels"])
+    assert 0 < masked < cached.num_tokens  # prompts masked, responses trained: both kinds of flag
+    arrays = sum(path.stat().st_size for path in cached.folder.glob("*.bin"))
+    assert arrays == 5 * cached.num_tokens + 8 * (len(cached) + 1)
 
 
 def test_batches_through_the_sampler_are_the_same(tmp_path, sp_tokenizer):
@@ -293,5 +304,5 @@ def test_two_ranks_build_once_and_map_the_same_files(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(r["built"] for r in ranks) == [False, True]
     assert ranks[0]["folder"] == ranks[1]["folder"] and ranks[0]["first"] == ranks[1]["first"]
-    files = {f"{ranks[0]['folder']}/{name}.bin" for name in ("tokens", "labels", "offsets")}
+    files = {f"{ranks[0]['folder']}/{name}.bin" for name in ("tokens", "trained", "offsets")}
     assert set(ranks[0]["mapped"]) == set(ranks[1]["mapped"]) == files

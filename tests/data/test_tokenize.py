@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from finetune.data import IGNORE_INDEX, InstructTemplate, build_dataset, register_template, reporting
-from finetune.data.labels import shifted_labels, truncate
+from finetune.data.labels import labels_from_flags, shifted_labels, trained_flags, truncate
 from finetune.errors import UserError
 from finetune.tokenizers import Tokenizer
 from tests.data.helpers import ALPACA_RECORDS, write_jsonl
@@ -239,3 +240,33 @@ def test_text_is_cut_into_chunks(tmp_path: Path, sp_tokenizer: Tokenizer) -> Non
     # A last piece of one token has nothing to predict and is dropped.
     one_left = build_dataset(str(path), dataset_type="text", tokenizer=sp_tokenizer, max_seq_len=len(full) - 1)
     assert [s["tokens"] for s in one_left] == [full[:-1]]
+
+
+def test_flags_give_back_the_labels_of_any_span_of_whole_samples():
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(50):
+        tokens = rng.integers(0, 1000, int(rng.integers(1, 40))).tolist()
+        samples.append((tokens, shifted_labels(tokens, (rng.random(len(tokens)) < 0.4).tolist())))
+    tokens = np.array([t for sample, _ in samples for t in sample], dtype=np.int32)
+    labels = np.array([label for _, sample in samples for label in sample], dtype=np.int32)
+    lengths = np.array([len(sample) for sample, _ in samples])
+    trained = trained_flags(tokens, labels, lengths)
+    assert trained.dtype == np.uint8 and trained.sum() == (labels != X).sum() > 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for first, stop in [(0, 50), (0, 1), (49, 50), (10, 11), (7, 30)]:
+        start, end = offsets[first], offsets[stop]
+        assert labels_from_flags(tokens[start:end], trained[start:end]).tolist() == labels[start:end].tolist()
+
+
+@pytest.mark.parametrize("where", ["not the next token", "past the sample's end"])
+def test_flags_refuse_labels_that_are_not_shifted_tokens(where):
+    tokens = np.array([5, 6, 7, 8, 9], dtype=np.int32)
+    lengths = np.array([2, 3])
+    labels = np.array(shifted_labels([5, 6], [False, False]) + shifted_labels([7, 8, 9], [False] * 3), dtype=np.int32)
+    if where == "not the next token":
+        labels[2] = 3
+    else:
+        labels[1] = 7  # the first sample's last label would reach into the second sample
+    with pytest.raises(ValueError, match="not the shifted tokens"):
+        trained_flags(tokens, labels, lengths)
