@@ -144,7 +144,9 @@ def job_parser() -> _JobArgumentParser:
     p.add_argument("--dataset_id", help="the training data: a local path, a Hub name, or a URL (fetched first)")
     p.add_argument("--batch_size", type=positive_int)
     p.add_argument("--num_epochs", type=positive_int)
-    p.add_argument("--use_lora", type=parse_bool, nargs="?", const=True, help="LoRA (lora_finetune); false: full")
+    p.add_argument(
+        "--use_lora", type=parse_bool, nargs="?", const=True, help="LoRA (lora_finetune; dpo: use_lora); false: full"
+    )
     p.add_argument("--use_qlora", type=parse_bool, nargs="?", const=True, default=False, help="QLoRA: NF4 base")
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--seed", type=non_negative_int)
@@ -235,10 +237,13 @@ def resolve_job_config(spec: JobSpec) -> Optional[Path]:
 
 
 def choose_recipe(spec: JobSpec, config_recipes: Sequence[str]) -> str:
-    """lora_finetune for --use_lora/--use_qlora, full_finetune for --use_lora false, else what the
-    config's `# recipe:` line names (full_finetune when it names none)."""
+    """dpo for a DPO config (the LoRA flags become its keys); otherwise lora_finetune for
+    --use_lora/--use_qlora, full_finetune for --use_lora false, else what the config's
+    `# recipe:` line names (full_finetune when it names none)."""
     if spec.job_config_name == DUMMY:
         return DUMMY
+    if "dpo" in config_recipes:
+        return "dpo"
     trainers = [r for r in config_recipes if r in ("full_finetune", "lora_finetune")]
     if spec.use_lora or spec.use_qlora:
         recipe = "lora_finetune"
@@ -276,6 +281,8 @@ def recipe_argv(
     values.update(batch_size=spec.batch_size, epochs=spec.num_epochs, lr=spec.lr, seed=spec.seed)
     if recipe != DUMMY:
         values["shuffle"] = spec.shuffle
+    if recipe == "dpo" and (spec.use_lora is not None or spec.use_qlora):
+        values["use_lora"] = bool(spec.use_lora or spec.use_qlora)  # one recipe, LoRA or full by this key
     if spec.use_qlora:
         values["quantize_base"] = True
     if spec.num_gpus == 0:

@@ -67,6 +67,15 @@ def test_the_pipeline_command_line_maps_to_lora_finetune_with_its_overrides():
         (["--job_config_name", "tiny_lora"], "lora_finetune", "tiny_lora", []),  # the config's recipe line
         (["--job_config_name=tiny_full", "--use_lora", "0"], "full_finetune", "tiny_full", []),
         (["--job_config_name", "tiny_full", "--num_gpus", "0"], "full_finetune", "tiny_full", ["device=cpu"]),
+        (["--job_config_name", "tiny_dpo"], "dpo", "tiny_dpo", []),  # the config's own use_lora
+        (["--job_config_name", "tiny_dpo", "--use_lora"], "dpo", "tiny_dpo", ["use_lora=true"]),
+        (["--job_config_name", "tiny_dpo", "--use_lora", "no"], "dpo", "tiny_dpo", ["use_lora=false"]),
+        (
+            ["--job_config_name", "tiny_dpo", "--use_qlora"],
+            "dpo",
+            "tiny_dpo",
+            ["use_lora=true", "quantize_base=true"],
+        ),
     ],
 )
 def test_config_names_and_lora_flags_pick_the_recipe(flags, recipe, config, extra):
@@ -178,6 +187,26 @@ def test_a_tiny_lora_job_trains_uploads_and_deletes_its_weights(capsys, jobs_env
     assert {k for k in remote if k.endswith(".safetensors")} <= listed.keys()
     assert json.loads((output_dir / "_manifest.json").read_bytes()) == json.loads(remote["_manifest.json"])
     assert json.loads((output_dir / "status.json").read_text())["state"] == "done"
+
+
+def test_a_dpo_lora_job_trains_from_preference_pairs_and_uploads_its_adapter(capsys, jobs_env, s3_options, bucket):
+    results = f"s3://{bucket}/results"
+    pairs = "pkg:data/demo/preference_train.jsonl"
+    code, out, err = run(
+        capsys,
+        *["job", "--job_config_name", "tiny_dpo", "--dataset_id", pairs, "--batch_size", "4", "--num_epochs", "1"],
+        *["--use_lora", "--lr", "1e-3", "--job_id", "dpo1", "--user_id", "bob", "--results_url", results],
+        *["--override", "model=tiny", "checkpoint_dir=none", "tokenizer_path=pkg:data/demo/tokenizer.model"],
+        *["max_steps_per_epoch=3", "eval_dataset=none", "eval_every_n_steps=none"],
+    )
+    output_dir = jobs_env / "bob" / "dpo1"
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == f"job dpo1: done; results in {output_dir} and {results}/bob/dpo1"
+    steps = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if "reward_accuracy" in m] == [1, 2, 3]  # DPO's metrics, not SFT's
+    remote = remote_tree(s3_options, f"{results}/bob/dpo1")
+    assert "step_3/adapter_model.safetensors" in remote and "step_3/adapter_config.json" in remote
+    assert [r["kind"] for r in read_events(output_dir)[-2:]] == ["upload", "job_end"]
 
 
 def test_the_dummy_job_uploads_byte_for_byte(capsys, jobs_env, s3_options, bucket):
